@@ -1,0 +1,108 @@
+"""Generation throughput: jaxgpt's KV-cache decoder next to Hugging Face ``generate``, same weights.
+
+GPT-2 124M with random weights, greedy decoding of ``new_tokens`` after a random prompt of
+``prompt_len`` tokens, no early stop. Tokens/s counts new tokens over the whole call (prefill
+included) for both; jaxgpt's compilation is a separate warm-up run and is reported apart.
+
+    python -m bench.bench_sample                      # from the repo root; a few minutes on 2 CPU cores
+    python -m bench.bench_sample --batch_sizes 1 --new_tokens 64 --hf false
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxgpt.cli import add_dataclass_arguments, build, option, run
+from jaxgpt.config import DType, preset
+from jaxgpt.convert import save_hf_gpt2
+from jaxgpt.errors import UserError
+from jaxgpt.model import GPT
+from jaxgpt.sampling import generate
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """Benchmark greedy generation with GPT-2 124M against Hugging Face transformers."""
+
+    batch_sizes: str = option("1,8", "comma-separated batch sizes")
+    prompt_len: int = option(128, "prompt tokens per row")
+    new_tokens: int = option(256, "new tokens per row")
+    dtype: DType = option("float32", "jaxgpt compute dtype")
+    hf: bool = option(True, "also time transformers' GPT2LMHeadModel.generate (use_cache, greedy)")
+    threads: int = option(2, "torch CPU threads (match the cores XLA uses)")
+    seed: int = option(0, "seed of the weights and the prompts")
+
+
+def time_jaxgpt(model: GPT, prompts: np.ndarray, new_tokens: int) -> tuple[float, float, np.ndarray]:
+    """(seconds of the warm-up run, which compiles, seconds of a timed run, tokens [B, new])."""
+    run_once = lambda: generate(model, prompts, new_tokens, temperature=0.0, stop_at_eot=False)
+    start = time.perf_counter()
+    run_once()
+    warmup = time.perf_counter() - start
+    start = time.perf_counter()
+    out = run_once()
+    return warmup, time.perf_counter() - start, np.asarray(out)
+
+
+def time_hf(hf_model, prompts: np.ndarray, new_tokens: int) -> tuple[float, np.ndarray]:
+    import torch
+
+    ids = torch.as_tensor(prompts, dtype=torch.long)
+    kwargs = dict(
+        attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True, pad_token_id=0,
+        eos_token_id=None, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+    )  # fmt: skip
+    with torch.no_grad():
+        hf_model.generate(ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        start = time.perf_counter()
+        out = hf_model.generate(ids, **kwargs)
+    return time.perf_counter() - start, out[:, prompts.shape[1] :].numpy()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=BenchConfig.__doc__)
+    add_dataclass_arguments(parser, BenchConfig)
+    args = build(BenchConfig, parser.parse_args(argv))
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError as err:
+        raise UserError(f"--batch_sizes must be comma-separated integers, got {args.batch_sizes!r}") from err
+    model = GPT(preset("gpt2", dtype=args.dtype), nnx.Rngs(args.seed))
+    hf_model = None
+    if args.hf:
+        import torch
+        from transformers import GPT2LMHeadModel
+
+        torch.set_num_threads(args.threads)
+        with tempfile.TemporaryDirectory() as tmp:
+            hf_model = GPT2LMHeadModel.from_pretrained(save_hf_gpt2(model, tmp)).eval()
+    rng = np.random.default_rng(args.seed)
+    print(f"GPT-2 124M, {args.dtype}, {jax.devices()[0].platform} ({os.cpu_count()} cores), "
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy")  # fmt: skip
+    rows = []
+    for batch in batch_sizes:
+        prompts = rng.integers(0, 50256, (batch, args.prompt_len)).astype(np.int32)
+        warmup, seconds, ours = time_jaxgpt(model, prompts, args.new_tokens)
+        row = dict(batch=batch, compile_s=warmup - seconds, jax_tps=batch * args.new_tokens / seconds)
+        if hf_model is not None:
+            hf_seconds, theirs = time_hf(hf_model, prompts, args.new_tokens)
+            row.update(hf_tps=batch * args.new_tokens / hf_seconds, same=float(np.mean(ours == theirs)))
+        rows.append(row)
+        print(row, flush=True)
+    print("\n| batch | jaxgpt tokens/s | transformers tokens/s | speed-up | same greedy tokens | jaxgpt compile s |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        hf = f"{r['hf_tps']:.1f} | {r['jax_tps'] / r['hf_tps']:.2f}x | {r['same']:.0%}" if "hf_tps" in r else "- | - | -"
+        print(f"| {r['batch']} | {r['jax_tps']:.1f} | {hf} | {r['compile_s']:.1f} |")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,102 @@
+"""The one command-line layer: typed dataclasses in, argparse flags out.
+
+Every dataclass field becomes ``--name`` with its type, default and the one-line
+help kept in the field's metadata (see :func:`option`). Entry points run through
+:func:`run`, which turns a :class:`~jaxgpt.errors.UserError` into one line on
+stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeVar
+
+from jaxgpt.errors import UserError
+
+T = TypeVar("T")
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with its command-line help."""
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, defaults: Any = None) -> None:
+    """Adds one flag per field of ``cls``; ``defaults`` (an instance) overrides field defaults."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
+    for field in dataclasses.fields(cls):
+        if not field.init or field.metadata.get("cli") is False:
+            continue
+        tp, optional = _unwrap_optional(hints[field.name])
+        default = getattr(defaults, field.name) if defaults is not None else field.default
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": field.name}
+        if tp is bool:
+            kwargs.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
+        elif typing.get_origin(tp) is Literal:
+            kwargs.update(type=str, choices=[str(c) for c in typing.get_args(tp)])
+        elif tp in (int, float, str):
+            kwargs.update(type=_none_or(tp) if optional else tp, metavar=tp.__name__.upper())
+        else:
+            raise TypeError(f"{cls.__name__}.{field.name}: unsupported flag type {tp}")
+        help_text = field.metadata.get("help", "")
+        assert help_text, f"{cls.__name__}.{field.name} needs a help text"
+        kwargs["help"] = f"{help_text} (default: {default})"
+        group.add_argument(f"--{field.name}", **kwargs)
+
+
+def _none_or(tp: type) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        return None if text.lower() in ("none", "") else tp(text)
+
+    convert.__name__ = tp.__name__
+    return convert
+
+
+def build(cls: type[T], namespace: argparse.Namespace, base: T | None = None) -> T:
+    """An instance of ``cls`` from ``base`` (or the defaults) with the flags given on the command line."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in vars(namespace).items() if k in names}
+    if base is None:
+        return cls(**given)
+    return dataclasses.replace(base, **given)
+
+
+def given_flags(namespace: argparse.Namespace) -> set[str]:
+    """The names of the flags the user actually typed (defaults are suppressed)."""
+    return set(vars(namespace))
+
+
+def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
+    """Runs an entry point; user mistakes become one line on stderr and exit code 2."""
+    try:
+        main(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

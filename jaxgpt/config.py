@@ -1,0 +1,75 @@
+"""Model configuration: GPT-2's four sizes and any custom one."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from jaxgpt.cli import option
+from jaxgpt.errors import UserError
+
+DType = Literal["float32", "bfloat16", "float16"]
+AttentionImpl = Literal["xla", "cudnn", "auto"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """GPT model shape and numerics."""
+
+    vocab_size: int = option(50257, "tokens in the vocabulary (GPT-2 BPE: 50257)")
+    block_size: int = option(1024, "context length: the largest sequence the model reads")
+    n_layer: int = option(12, "transformer blocks")
+    n_head: int = option(12, "attention heads per block")
+    n_embd: int = option(768, "width of the residual stream")
+    dropout: float = option(0.0, "dropout rate on embeddings, attention weights and residual branches")
+    pad_vocab_multiple: int = option(1, "pad the embedding table to a multiple of this (64 gives 50304: faster)")
+    dtype: DType = option("float32", "compute dtype of activations and matmuls")
+    param_dtype: DType = option("float32", "storage dtype of the parameters (keep float32 to train)")
+    attention: AttentionImpl = option("auto", "attention kernel: xla, cudnn (flash, GPU) or auto")
+    remat: bool = option(False, "rematerialise each block in the backward pass (saves memory, costs FLOPs)")
+    layer_norm_eps: float = option(1e-5, "LayerNorm epsilon (GPT-2: 1e-5)")
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_multiple"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return -(-self.vocab_size // m) * m
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def replace(self, **changes: Any) -> GPTConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> GPTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+# The four sizes OpenAI released (n_layer, n_head, n_embd); all use 1024 positions and 50257 tokens.
+PRESETS: dict[str, dict[str, int]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+
+def preset(name: str, **overrides: Any) -> GPTConfig:
+    """The config of a named GPT-2 size, with any field overridden."""
+    if name not in PRESETS:
+        raise UserError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return GPTConfig(**{**PRESETS[name], **overrides})

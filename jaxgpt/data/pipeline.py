@@ -1,0 +1,253 @@
+"""Training and evaluation batches from token shards, through Grain.
+
+Examples: a split's shards are read as ONE concatenated, memory-mapped token
+stream, and example ``i`` is the window ``tokens[i*T : i*T + T + 1]`` (T =
+block_size): non-overlapping windows at stride T, the extra token being the last
+target (``inputs = w[:-1]``, ``targets = w[1:]``). An epoch is the
+``(num_tokens - 1) // T`` windows; the tail that does not fill one is skipped.
+
+Training order: a Grain ``MapDataset`` of window ids,
+``range(num_windows).shuffle(seed).repeat().batch(global_batch_size)``, so every
+epoch is a fresh permutation (Grain folds the epoch into the seed) and GLOBAL
+batch ``s`` is fixed by ``(data, block_size, global_batch_size, seed)`` alone.
+Process ``p`` of ``P`` keeps rows ``[p*B, (p+1)*B)`` of it (B = global/P) and
+reads only those windows, each with one memmap slice per shard it touches.
+Threads (``worker_count``) read batches ahead.
+
+State: the iterator's position is the global step, so ``it.get_state()`` is
+``{"next_index": step}``, the same on every process and for any process count.
+:func:`iterator_state` wraps it with what it is valid for; :func:`restore_iterator`
+checks that and resumes, with any process count: the global batches do not
+depend on it (only the rows each process reads do).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxgpt.cli import option
+from jaxgpt.data import shards
+from jaxgpt.errors import UserError
+
+STATE_FORMAT = "jaxgpt.data.train_iterator/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Training data: which shards and how they are cut into batches."""
+
+    data_dir: str = option("data/tinyshakespeare", "folder of token shards written by jaxgpt.data.prepare")
+    block_size: int = option(1024, "tokens per example (the model's context length)")
+    global_batch_size: int = option(16, "examples per step summed over all processes (split evenly between them)")
+    seed: int = option(0, "shuffling seed (0..2**32-1); every epoch is reshuffled from it")
+    worker_count: int = option(2, "threads reading batches ahead (0: read each batch when it is asked for)")
+    prefetch: int = option(8, "batches read ahead by the worker threads")
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "global_batch_size"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"seed must be in [0, 2**32), got {self.seed}")
+        if self.worker_count < 0 or self.prefetch < 0:
+            raise UserError(f"worker_count and prefetch must be >= 0, got {self.worker_count} and {self.prefetch}")
+
+
+class TokenStream:
+    """The shards of one split as a single random-access token sequence (memory-mapped, validated on open)."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike]) -> None:
+        self.paths = list(paths)
+        self.shards = [shards.open_shard(p) for p in self.paths]
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # global offset of each shard
+        self.num_tokens = int(self.starts[-1])
+
+    @classmethod
+    def open(cls, data_dir: str | os.PathLike, split: str) -> TokenStream:
+        if split not in shards.SPLITS:
+            raise UserError(f"split must be one of {shards.SPLITS}, got {split!r}")
+        return cls(shards.list_shards(data_dir, split))
+
+    def num_windows(self, block_size: int) -> int:
+        """Non-overlapping windows of ``block_size + 1`` tokens at stride ``block_size``."""
+        return max(0, (self.num_tokens - 1) // block_size)
+
+    def read(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """``tokens[s : s + length]`` for each start, as int32 rows; a row may straddle shards."""
+        out = np.empty((len(starts), length), dtype=np.int32)
+        shard_of = np.searchsorted(self.starts, starts, side="right") - 1
+        for row, (start, k) in enumerate(zip(starts.tolist(), shard_of.tolist(), strict=True)):
+            assert start >= 0 and start + length <= self.num_tokens, (start, length, self.num_tokens)
+            done = 0
+            while done < length:
+                offset = start + done - int(self.starts[k])
+                take = min(length - done, len(self.shards[k]) - offset)
+                out[row, done : done + take] = self.shards[k][offset : offset + take]
+                done += take
+                k += 1
+        return out
+
+
+def windows_to_batch(stream: TokenStream, window_ids: np.ndarray, block_size: int) -> dict[str, np.ndarray]:
+    """Reads windows and splits them into int32 ``inputs`` and next-token ``targets`` of shape [B, T]."""
+    tokens = stream.read(np.asarray(window_ids, dtype=np.int64) * block_size, block_size + 1)
+    batch = {"inputs": np.ascontiguousarray(tokens[:, :-1]), "targets": np.ascontiguousarray(tokens[:, 1:])}
+    assert batch["inputs"].shape == (len(window_ids), block_size), batch["inputs"].shape
+    return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReadRows:
+    """Grain map: a global batch of window ids -> this process's rows of it, read from the shards."""
+
+    stream: TokenStream
+    rows: slice
+    block_size: int
+
+    def __call__(self, window_ids: np.ndarray) -> dict[str, np.ndarray]:
+        return windows_to_batch(self.stream, window_ids[self.rows], self.block_size)
+
+
+def process_rows(global_batch_size: int, process_index: int | None = None, process_count: int | None = None) -> slice:
+    """This process's rows of every global batch (process index and count default to JAX's)."""
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if not 0 <= index < count:
+        raise UserError(f"process_index {index} is outside [0, {count})")
+    if global_batch_size % count:
+        raise UserError(
+            f"global batch size {global_batch_size} is not divisible by the {count} processes; "
+            f"use a multiple of {count}"
+        )
+    local = global_batch_size // count
+    return slice(index * local, (index + 1) * local)
+
+
+def open_split(data_dir: str | os.PathLike, split: str, block_size: int) -> tuple[TokenStream, int]:
+    """The split's token stream and its window count; a split too short for one window is an error."""
+    stream = TokenStream.open(data_dir, split)
+    num_windows = stream.num_windows(block_size)
+    if num_windows == 0:
+        raise UserError(
+            f"the '{split}' split of {data_dir} has {stream.num_tokens} tokens, fewer than one example of "
+            f"block_size + 1 = {block_size + 1}; use a smaller block_size or more data"
+        )
+    return stream, num_windows
+
+
+def make_train_iterator(
+    config: DataConfig, *, process_index: int | None = None, process_count: int | None = None
+) -> grain.DatasetIterator:
+    """This process's infinite, shuffled batches: ``{"inputs", "targets"}``, int32 [global_batch / processes, T]."""
+    stream, num_windows = open_split(config.data_dir, "train", config.block_size)
+    rows = process_rows(config.global_batch_size, process_index, process_count)
+    dataset = (
+        grain.MapDataset.range(num_windows)
+        .shuffle(seed=config.seed)
+        .repeat()
+        .batch(config.global_batch_size, drop_remainder=True)
+        .map(_ReadRows(stream, rows, config.block_size))
+    )
+    threads = config.worker_count if config.prefetch else 0
+    options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(config.prefetch, threads))
+    return iter(dataset.to_iter_dataset(options))
+
+
+def train_tokens(data_dir: str | os.PathLike) -> int:
+    """Tokens in the train split (from the shard headers): identifies the data a state belongs to."""
+    return TokenStream.open(data_dir, "train").num_tokens
+
+
+def iterator_state(
+    it: grain.DatasetIterator, config: DataConfig, *, process_count: int | None = None
+) -> dict[str, Any]:
+    """The iterator's position plus what it is valid for, JSON-serialisable (save it with the checkpoint)."""
+    return {
+        "format": STATE_FORMAT,
+        "grain": it.get_state(),  # {"next_index": global step}
+        "seed": config.seed,
+        "block_size": config.block_size,
+        "global_batch_size": config.global_batch_size,
+        "train_tokens": train_tokens(config.data_dir),
+        "process_count": jax.process_count() if process_count is None else process_count,  # informational
+    }
+
+
+def restore_iterator(
+    config: DataConfig,
+    state: dict[str, Any],
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.DatasetIterator:
+    """A train iterator resuming where ``state`` left off; refuses states of other data or batch shapes.
+
+    The process count may differ from the saved one: global batch ``s`` is the same
+    whatever it is, and each process reads its rows of it.
+    """
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise UserError(f"not a data iterator state saved by iterator_state() (expected format {STATE_FORMAT})")
+    now = {"seed": config.seed, "block_size": config.block_size, "global_batch_size": config.global_batch_size}
+    now["train_tokens"] = train_tokens(config.data_dir)
+    changed = [f"{key} {state[key]} -> {value}" for key, value in now.items() if state[key] != value]
+    if changed:
+        raise UserError(
+            f"cannot resume the data iterator: {', '.join(changed)} since it was saved; the saved position "
+            f"means nothing with other data, seed or batch shape (start the data from scratch instead)"
+        )
+    it = make_train_iterator(config, process_index=process_index, process_count=process_count)
+    it.set_state(state["grain"])
+    return it
+
+
+def make_eval_batches(
+    data_dir: str | os.PathLike,
+    split: str,
+    *,
+    block_size: int,
+    batch_size: int,
+    max_batches: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over a split in order: global batch ``b`` holds windows ``[b*batch_size, (b+1)*batch_size)``.
+
+    ``batch_size`` is global; each process yields its rows. The last partial batch is
+    dropped so that every process yields the same number of batches.
+    """
+    stream, num_windows = open_split(data_dir, split, block_size)
+    rows = process_rows(batch_size, process_index, process_count)
+    num_batches = num_windows // batch_size
+    if num_batches == 0:
+        raise UserError(
+            f"the '{split}' split of {data_dir} has {num_windows} examples of {block_size + 1} tokens, "
+            f"fewer than one batch of {batch_size}; use a smaller batch size or block_size"
+        )
+    if max_batches is not None:
+        num_batches = min(num_batches, max_batches)
+    for b in range(num_batches):
+        window_ids = np.arange(b * batch_size, (b + 1) * batch_size)
+        yield windows_to_batch(stream, window_ids[rows], block_size)
+
+
+def to_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, data_axis: str = "data") -> dict[str, jax.Array]:
+    """Assembles every process's local batch into global arrays split over ``data_axis`` (rows) of ``mesh``."""
+    sharding = NamedSharding(mesh, PartitionSpec(data_axis, None))
+    out = {}
+    for key, value in local_batch.items():
+        global_rows = value.shape[0] * jax.process_count()
+        if global_rows % mesh.shape[data_axis]:
+            raise UserError(
+                f"global batch size {global_rows} is not divisible by the {mesh.shape[data_axis]} devices "
+                f"of the mesh's '{data_axis}' axis"
+            )
+        out[key] = jax.make_array_from_process_local_data(sharding, value)
+    return out

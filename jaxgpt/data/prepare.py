@@ -1,0 +1,264 @@
+"""Text -> GPT-2 token shards: ``python -m jaxgpt.data.prepare --input PATH --out_dir DIR``.
+
+The corpus is streamed (see :mod:`jaxgpt.data.sources` for the sources and the
+train/val split), tokenised by a pool of worker processes and written in shards
+of ``--shard_size`` tokens, so memory stays at about one shard per split whatever
+the corpus size.
+
+Crash safety: shards are written (each atomically) into ``DIR/.partial/`` and
+moved into ``DIR`` only once the whole corpus is done, followed by ``meta.json``.
+A killed run therefore leaves nothing in ``DIR`` that looks like a dataset (and
+any earlier complete dataset there stays intact); the next run clears
+``.partial/`` and stale ``*.tmp`` files and starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from tqdm import tqdm
+
+from jaxgpt import cli
+from jaxgpt.cli import option
+from jaxgpt.data import shards, sources
+from jaxgpt.data.sources import Piece
+from jaxgpt.errors import UserError
+from jaxgpt.tokenizer import get_tokenizer
+
+STAGING = ".partial"
+META = "meta.json"
+WORK_CHARS = 1 << 20  # characters per task sent to a worker process
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    """Turn a text corpus into GPT-2 token shards."""
+
+    input: str | None = option(None, "a UTF-8 text file, or a folder of .txt / .jsonl files (jsonl: a 'text' field)")
+    dataset: Literal["shakespeare", "openwebtext", "fineweb", "fineweb-edu"] | None = option(
+        None, "a named dataset to download instead of --input (fineweb*: the sample-10BT subsets)"
+    )
+    out_dir: str | None = option(None, "folder for the shards and meta.json (None: data/<name>)")
+    name: str | None = option(None, "shard file prefix (None: the dataset name or the input's file name)")
+    val_fraction: float = option(0.1, "fraction of the characters (one file) or documents (many) held out for val")
+    shard_size: int = option(100_000_000, "tokens per shard file (the last shard of a split may be shorter)")
+    num_proc: int = option(0, "tokeniser worker processes (0: one per CPU core; 1: tokenise in this process)")
+
+    def __post_init__(self) -> None:
+        if (self.input is None) == (self.dataset is None):
+            raise UserError("give exactly one of --input PATH (a text file or folder) or --dataset NAME")
+        if self.input is not None and not Path(self.input).exists():
+            raise UserError(f"--input {self.input} does not exist")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0 < self.shard_size < 2**31:
+            raise UserError(f"--shard_size must be in [1, 2**31), got {self.shard_size}")
+        if self.num_proc < 0:
+            raise UserError(f"--num_proc must be >= 0, got {self.num_proc}")
+
+    @property
+    def dataset_name(self) -> str:
+        if self.name:
+            return self.name
+        return self.dataset or Path(self.input).resolve().stem  # type: ignore[arg-type]
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.out_dir) if self.out_dir else Path("data") / self.dataset_name
+
+
+def corpus_pieces(config: PrepareConfig, out_dir: Path) -> tuple[Iterator[Piece], str, bool]:
+    """The corpus as pieces, a description of its source, and whether documents start with EOT."""
+    if config.dataset == "shakespeare":
+        path = sources.download_shakespeare(out_dir)
+        return sources.single_text_pieces(path, config.val_fraction), sources.SHAKESPEARE_URL, False
+    if config.dataset is not None:
+        repo, subset = sources.HUB_DATASETS[config.dataset]
+        documents = sources.hub_documents(config.dataset)
+        return sources.document_pieces(documents, config.val_fraction), f"hf://{repo}/{subset or ''}", True
+    path = Path(config.input)  # type: ignore[arg-type]
+    if path.is_file():
+        return sources.single_text_pieces(path, config.val_fraction), str(path), False
+    documents = sources.folder_documents(path)
+    return sources.document_pieces(documents, config.val_fraction), str(path), True
+
+
+def encode_pieces(pieces: Sequence[Piece]) -> list[tuple[str, np.ndarray]]:
+    """Tokenises pieces (in a worker process): (split, uint16 tokens), EOT first where a document starts."""
+    tokenizer = get_tokenizer()
+    out = []
+    for piece in pieces:
+        ids = tokenizer.encode(piece.text)
+        if piece.starts_document:
+            ids.insert(0, tokenizer.eot_id)
+        out.append((piece.split, np.asarray(ids, dtype=np.uint16)))
+    return out
+
+
+def group_pieces(pieces: Iterable[Piece], max_chars: int = WORK_CHARS) -> Iterator[list[Piece]]:
+    """Bundles small pieces (short documents) into tasks of about ``max_chars`` characters."""
+    group: list[Piece] = []
+    size = 0
+    for piece in pieces:
+        group.append(piece)
+        size += len(piece.text)
+        if size >= max_chars:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
+
+
+def bounded_imap(fn: Callable[[Any], Any], tasks: Iterable[Any], num_proc: int) -> Iterator[Any]:
+    """``Pool.imap`` with at most ``2 * num_proc + 2`` tasks in flight (plain imap reads ahead without bound)."""
+    if num_proc == 1:
+        yield from map(fn, tasks)
+        return
+    slots = threading.Semaphore(2 * num_proc + 2)
+    stop = threading.Event()
+
+    def gated() -> Iterator[Any]:  # runs in the pool's task-feeding thread
+        for task in tasks:
+            while not slots.acquire(timeout=0.1):
+                if stop.is_set():
+                    return
+            yield task
+
+    # The platform's default (fork on Linux: quick to start), but never fork once JAX's threads run here.
+    context = multiprocessing.get_context("spawn" if "jax" in sys.modules else None)
+    with context.Pool(num_proc, initializer=get_tokenizer) as pool:
+        try:
+            for result in pool.imap(fn, gated()):
+                slots.release()
+                yield result
+        finally:
+            stop.set()
+
+
+class ShardWriter:
+    """Buffers one split's tokens and writes a shard each time ``shard_size`` of them are in."""
+
+    def __init__(self, directory: Path, name: str, split: str, shard_size: int) -> None:
+        self.directory, self.name, self.split, self.shard_size = directory, name, split, shard_size
+        self.buffer: np.ndarray | None = None  # allocated on first use: a split may stay empty
+        self.filled = 0
+        self.num_tokens = 0
+        self.paths: list[Path] = []
+
+    def add(self, tokens: np.ndarray) -> None:
+        assert tokens.dtype == np.uint16 and tokens.ndim == 1, (tokens.dtype, tokens.shape)
+        if self.buffer is None:
+            self.buffer = np.empty(self.shard_size, dtype=np.uint16)
+        while tokens.size:
+            take = min(self.shard_size - self.filled, tokens.size)
+            self.buffer[self.filled : self.filled + take] = tokens[:take]
+            self.filled += take
+            tokens = tokens[take:]
+            if self.filled == self.shard_size:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.filled:
+            return
+        path = self.directory / shards.shard_name(self.name, self.split, len(self.paths))
+        shards.write_shard(path, self.buffer[: self.filled])
+        self.paths.append(path)
+        self.num_tokens += self.filled
+        self.filled = 0
+
+
+def start_clean(out_dir: Path, name: str) -> Path:
+    """Clears what a killed run left (staging folder, temporary files) and returns a fresh staging folder."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ours = {p.name for split in shards.SPLITS for p in out_dir.glob(f"{name}_{split}_*.bin")}
+    others = [p.name for split in shards.SPLITS for p in out_dir.glob(f"*_{split}_*.bin") if p.name not in ours]
+    if others:
+        raise UserError(
+            f"{out_dir} already holds shards of another dataset ({', '.join(sorted(others)[:3])}); "
+            f"the pipeline would mix them: use another --out_dir or remove them"
+        )
+    for tmp in out_dir.glob("*.tmp"):
+        tmp.unlink()
+    staging = out_dir / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
+def publish(staging: Path, out_dir: Path, name: str, meta: dict[str, Any]) -> None:
+    """Replaces any earlier dataset of this name in ``out_dir`` by the staged shards, then writes meta.json."""
+    (out_dir / META).unlink(missing_ok=True)
+    for split in shards.SPLITS:
+        for old in out_dir.glob(f"{name}_{split}_*.bin"):
+            old.unlink()
+    for path in sorted(staging.glob("*.bin")):
+        os.replace(path, out_dir / path.name)
+    staging.rmdir()
+    tmp = out_dir / (META + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, out_dir / META)
+
+
+def prepare(config: PrepareConfig) -> dict[str, Any]:
+    """Tokenises the corpus into shards in ``config.output_dir``; returns the metadata written to meta.json."""
+    get_tokenizer()  # fail early (and in one line) when the BPE ranks are missing
+    out_dir, name = config.output_dir, config.dataset_name
+    created = not out_dir.exists()
+    staging = start_clean(out_dir, name)
+    writers = {split: ShardWriter(staging, name, split, config.shard_size) for split in shards.SPLITS}
+    num_proc = config.num_proc or os.cpu_count() or 1
+    try:
+        pieces, source, eot_first = corpus_pieces(config, out_dir)
+        with tqdm(desc=f"tokenizing {name}", unit="tok", unit_scale=True, disable=None) as progress:
+            for encoded in bounded_imap(encode_pieces, group_pieces(pieces), num_proc):
+                for split, tokens in encoded:
+                    writers[split].add(tokens)
+                    progress.update(tokens.size)
+        for writer in writers.values():
+            writer.flush()
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a run that failed cleanly leaves nothing behind
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+    meta = {
+        "name": name,
+        "source": source,
+        "tokenizer": get_tokenizer().name,
+        "vocab_size": get_tokenizer().vocab_size,
+        "eot_id": get_tokenizer().eot_id,
+        "eot": "before each document" if eot_first else "none (one document per split)",
+        "dtype": "uint16",
+        "val_fraction": config.val_fraction,
+        "shard_size": config.shard_size,
+        "splits": {s: {"tokens": w.num_tokens, "shards": len(w.paths)} for s, w in writers.items()},
+    }
+    publish(staging, out_dir, name, meta)
+    return meta
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_dataclass_arguments(parser, PrepareConfig)
+    config = cli.build(PrepareConfig, parser.parse_args(argv))
+    meta = prepare(config)
+    counts = {split: meta["splits"][split] for split in shards.SPLITS}
+    print(
+        f"wrote {config.output_dir}: train {counts['train']['tokens']:,} tokens in {counts['train']['shards']} shards, "
+        f"val {counts['val']['tokens']:,} tokens in {counts['val']['shards']} shards"
+    )
+
+
+if __name__ == "__main__":
+    cli.run(main)

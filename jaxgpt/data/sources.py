@@ -1,0 +1,210 @@
+"""Where the text comes from, streamed as pieces that can be tokenised independently.
+
+Two shapes of corpus, two train/val splits:
+
+* One text file (``--input file.txt``, ``--dataset shakespeare``): nanoGPT's split.
+  The first ``1 - val_fraction`` of the CHARACTERS are train, the rest val, and each
+  split is ONE document with no end-of-text token, so tiny Shakespeare gives
+  nanoGPT's 301,966 / 36,059 tokens.
+* Many documents (a folder of ``.txt``/``.jsonl`` files, the hub datasets): each
+  document is prefixed with ``<|endoftext|>`` (as llm.c and build-nanogpt do) and
+  documents are dealt to val by their index: document ``i`` is val when
+  ``floor(i * f)`` steps up, so exactly a fraction ``f`` of them, the first
+  included, is val. Folder files are read in sorted path order, so the split is
+  deterministic.
+
+Long texts are cut into pieces of about ``CHUNK_CHARS`` characters, only where
+GPT-2's pre-tokeniser splits anyway (see :func:`safe_cut`), so encoding the pieces
+one by one gives exactly the tokens of encoding the whole text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from jaxgpt.errors import UserError
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+# name -> (hub repository, configuration)
+HUB_DATASETS: dict[str, tuple[str, str | None]] = {
+    "openwebtext": ("Skylion007/openwebtext", None),
+    "fineweb": ("HuggingFaceFW/fineweb", "sample-10BT"),
+    "fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT"),
+}
+DATASETS = ("shakespeare", *HUB_DATASETS)
+TEXT_SUFFIXES = (".txt", ".jsonl")
+CHUNK_CHARS = 1 << 18  # characters per piece: large enough to amortise IPC, small enough to balance workers
+LOCAL_HINT = "for local files use --input PATH (a .txt file, or a folder of .txt/.jsonl files)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """A stretch of one document's text, bound for one split."""
+
+    text: str
+    split: str  # "train" or "val"
+    starts_document: bool  # prefix the tokens with <|endoftext|>
+
+
+def safe_cut(text: str) -> int:
+    """The last index where ``text`` may be cut without changing its GPT-2 tokens, or 0 if none.
+
+    That is before a space or newline that follows a letter or digit: GPT-2's
+    pre-tokeniser (whose tokens BPE never merges across) always splits there, and
+    what it does on either side depends only on that side's characters.
+    """
+    for i in range(len(text) - 1, 0, -1):
+        if text[i] in " \n" and text[i - 1].isalnum():
+            return i
+    return 0
+
+
+def read_pieces(path: Path, chunk_chars: int = CHUNK_CHARS) -> Iterator[str]:
+    """Streams a UTF-8 text file as pieces cut at :func:`safe_cut` points (never the whole file at once)."""
+    carry = ""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            while block := f.read(chunk_chars):
+                text = carry + block
+                cut = safe_cut(text)
+                if cut == 0:  # no safe point yet: keep reading
+                    carry = text
+                    continue
+                yield text[:cut]
+                carry = text[cut:]
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err})") from err
+    if carry:
+        yield carry
+
+
+def count_chars(path: Path, chunk_chars: int = CHUNK_CHARS) -> int:
+    """Characters in a UTF-8 file, read in blocks."""
+    total = 0
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            while block := f.read(chunk_chars):
+                total += len(block)
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err})") from err
+    return total
+
+
+def single_text_pieces(path: Path, val_fraction: float, chunk_chars: int = CHUNK_CHARS) -> Iterator[Piece]:
+    """nanoGPT's split of one file: the first ``1 - val_fraction`` of the characters are train."""
+    boundary = int(count_chars(path, chunk_chars) * (1 - val_fraction))
+    position = 0
+    for text in read_pieces(path, chunk_chars):
+        head = text[: max(0, boundary - position)]
+        tail = text[len(head) :]
+        if head:
+            yield Piece(head, "train", starts_document=False)
+        if tail:
+            yield Piece(tail, "val", starts_document=False)
+        position += len(text)
+
+
+def is_val_document(index: int, val_fraction: float) -> bool:
+    """Deals a fraction ``val_fraction`` of the documents to val, starting with document 0."""
+    return math.floor(index * val_fraction) > math.floor((index - 1) * val_fraction)
+
+
+def document_pieces(documents: Iterable[Iterable[str]], val_fraction: float) -> Iterator[Piece]:
+    """Pieces of many documents, each starting with end-of-text and split by document index."""
+    index = 0
+    for document in documents:
+        split = "val" if is_val_document(index, val_fraction) else "train"
+        first = True
+        for text in document:
+            if text:
+                yield Piece(text, split, starts_document=first)
+                first = False
+        index += 0 if first else 1  # empty documents are skipped and not counted
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """The .txt and .jsonl files below ``folder``, in a fixed (sorted) order."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(f"{folder} holds no .txt or .jsonl files; {LOCAL_HINT}")
+    return files
+
+
+def jsonl_texts(path: Path) -> Iterator[str]:
+    """The ``text`` field of each line of a JSON-lines file."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise UserError(f"{path}:{number}: expected a JSON object with a 'text' field ({err!r})") from err
+            if not isinstance(text, str):
+                raise UserError(f"{path}:{number}: the 'text' field is {type(text).__name__}, not a string")
+            yield text
+
+
+def folder_documents(folder: Path, chunk_chars: int = CHUNK_CHARS) -> Iterator[Iterable[str]]:
+    """Documents of a folder: each .txt file is one, each line of a .jsonl file is one."""
+    for path in folder_files(folder):
+        if path.suffix == ".txt":
+            yield read_pieces(path, chunk_chars)
+        else:
+            yield from ([text] for text in jsonl_texts(path))
+
+
+def hub_documents(dataset: str) -> Iterator[Iterable[str]]:
+    """Streams a Hugging Face hub dataset's ``text`` column (needs ``datasets`` and the network)."""
+    repo, config = HUB_DATASETS[dataset]
+    try:
+        import datasets  # lazily: optional, and slow to import
+    except ImportError as err:
+        raise UserError(
+            f"--dataset {dataset} streams {repo} through the `datasets` library, which is not installed "
+            f"(pip install datasets); {LOCAL_HINT}"
+        ) from err
+    try:
+        rows = iter(datasets.load_dataset(repo, name=config, split="train", streaming=True))
+        first = next(rows, None)
+    except Exception as err:  # offline: requests/hub/datasets raise many different types
+        raise UserError(f"could not stream {repo} from the Hugging Face hub ({err}); offline? {LOCAL_HINT}") from err
+    if first is None:
+        return
+    yield [first["text"]]
+    try:
+        for row in rows:
+            yield [row["text"]]
+    except OSError as err:
+        raise UserError(f"lost the connection while streaming {repo} ({err}); run again to restart") from err
+
+
+def fetch(url: str, timeout: float = 30.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read()
+
+
+def download_shakespeare(directory: Path) -> Path:
+    """Downloads tiny Shakespeare into ``directory`` once (atomically) and returns its path."""
+    path = directory / "tinyshakespeare.txt"
+    if path.is_file():
+        return path
+    try:
+        data = fetch(SHAKESPEARE_URL)
+    except (urllib.error.URLError, OSError) as err:
+        raise UserError(
+            f"could not download tiny Shakespeare from {SHAKESPEARE_URL} ({err}); offline? "
+            f"use --input ../shared/data/tinyshakespeare.txt"
+        ) from err
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,96 @@
+"""Evaluate a GPT: validation loss over token shards and/or HellaSwag accuracy.
+
+    python -m jaxgpt.eval --init_from gpt2 --val_data data/fineweb10B --hellaswag
+    python -m jaxgpt.eval --init_from out/run1 --hellaswag ~/hellaswag_val.jsonl --results evals.jsonl
+
+``--hellaswag`` without a path downloads the validation set once (cached); offline, pass a
+local copy. Prints a table and, with ``--results``, appends one JSON line per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from jaxgpt.cli import add_dataclass_arguments, build, option, run
+from jaxgpt.config import DType
+from jaxgpt.errors import UserError
+
+DOWNLOAD = ""  # the value of a bare --hellaswag: the cached download
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Evaluate a GPT: validation loss and HellaSwag accuracy."""
+
+    init_from: str = option("gpt2", "training checkpoint directory, Hugging Face GPT-2 directory or hub id")
+    mesh: str | None = option(None, "device mesh DxM (data x model); default: every device on data")
+    dtype: DType = option("float32", "compute dtype of the model")
+    batch_size: int = option(8, "per step: validation windows of block_size tokens, or HellaSwag items (4 rows)")
+    val_data: str | None = option(None, "token shard directory: mean loss and perplexity over its val shards")
+    max_tokens: int | None = option(None, "score only the first this many validation tokens; None: all of them")
+    hellaswag: str | None = option(None, "HellaSwag jsonl to score; bare --hellaswag downloads it", cli=False)
+    results: str | None = option(None, "append one JSON line with the figures of this run to this file")
+
+
+def format_table(results: dict) -> str:
+    """Two aligned columns, metric and value."""
+    cells = [(k, f"{v:,}" if isinstance(v, int) else f"{v:.4f}") for k, v in results.items()]
+    width = max(len(k) for k, _ in cells)
+    value_width = max(len(v) for _, v in cells)
+    lines = [f"{'metric':<{width}}  {'value':>{value_width}}", f"{'-' * width}  {'-' * value_width}"]
+    return "\n".join([*lines, *(f"{k:<{width}}  {v:>{value_width}}" for k, v in cells)])
+
+
+def append_results(path: Path, init_from: str, results: dict) -> None:
+    record = {"init_from": init_from, "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(), **results}
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m jaxgpt.eval", description=EvalConfig.__doc__)
+    add_dataclass_arguments(parser, EvalConfig)
+    parser.add_argument(
+        "--hellaswag", nargs="?", const=DOWNLOAD, default=argparse.SUPPRESS, metavar="PATH",
+        help="score HellaSwag's validation set: a local jsonl, or no value to download it once (cached)",
+    )  # fmt: skip
+    args = build(EvalConfig, parser.parse_args(argv))
+    if args.val_data is None and args.hellaswag is None:
+        raise UserError("nothing to evaluate: pass --val_data DIR and/or --hellaswag [PATH]")
+    if args.results is not None and not Path(args.results).parent.is_dir():
+        raise UserError(f"--results {args.results}: directory {Path(args.results).parent} does not exist")
+
+    from jaxgpt.data.shards import list_shards
+    from jaxgpt.eval.hellaswag import evaluate_hellaswag, load_hellaswag
+    from jaxgpt.eval.loss import evaluate_loss
+    from jaxgpt.loading import load_model
+    from jaxgpt.sharding import make_mesh, shard_model
+
+    # Check every input before the (slow) model load.
+    if args.val_data is not None:
+        list_shards(args.val_data, "val")
+    items = None if args.hellaswag is None else load_hellaswag(args.hellaswag or None)
+    mesh = make_mesh(args.mesh)
+    model = shard_model(load_model(args.init_from, dtype=args.dtype), mesh)
+
+    results: dict = {}
+    if args.val_data is not None:
+        results |= evaluate_loss(
+            model, args.val_data, batch_size=args.batch_size, max_tokens=args.max_tokens, mesh=mesh, progress=True
+        )
+    if items is not None:
+        results |= evaluate_hellaswag(model, items, batch_size=args.batch_size, mesh=mesh)
+    print(f"{args.init_from}, mesh {mesh.shape['data']}x{mesh.shape['model']}, {args.dtype}")
+    print(format_table(results))
+    if args.results is not None:
+        append_results(Path(args.results), args.init_from, results)
+        print(f"appended to {args.results}")
+
+
+if __name__ == "__main__":
+    run(main)

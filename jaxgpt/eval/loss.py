@@ -1,0 +1,109 @@
+"""Validation loss over token shards, every token of the split scored exactly once.
+
+Which tokens are scored: the split's shards are read, in order, as one token stream
+``x[0] .. x[N-1]`` and cut into windows of ``block_size + 1`` tokens that overlap by
+one (stride ``T = block_size``), as training's validation batches are: window ``k``
+reads ``x[kT] .. x[kT+T-1]`` and predicts ``x[kT+1] .. x[kT+T]``. So every token but
+the stream's first is a target exactly once, predicted from the tokens before it in
+its window (the context restarts at each window, as in training). Windows run across
+shard boundaries: a shard ends wherever it filled up, not at a document boundary.
+
+The last window is usually short and the last batch usually not full; both are padded
+to the fixed batch shape and the padding gets weight 0, so nothing is dropped and
+nothing counts twice. ``max_tokens`` scores only the first ``max_tokens`` targets
+``x[1] .. x[max_tokens]``. The loss is the mean negative log-likelihood over the scored
+tokens (summed in float64 on the host) and the perplexity its exponential.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from jaxgpt.data.shards import list_shards, open_shard
+from jaxgpt.errors import UserError
+from jaxgpt.eval.scoring import RowScorer, pack_rows
+from jaxgpt.model import GPT
+
+
+class TokenStream:
+    """Several memory-mapped shards read as one array (only the slices asked for are loaded)."""
+
+    def __init__(self, shards: list[np.ndarray]):
+        self.shards = shards
+        self.starts = np.cumsum([0] + [len(s) for s in shards]).tolist()
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens ``start .. stop-1`` of the stream, as int32."""
+        assert 0 <= start <= stop <= len(self), (start, stop, len(self))
+        parts = [
+            shard[max(start - s0, 0) : min(stop - s0, len(shard))]
+            for shard, s0 in zip(self.shards, self.starts, strict=False)
+            if s0 < stop and s0 + len(shard) > start
+        ]
+        return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+
+
+def window_batch(stream: TokenStream, first_window: int, batch_size: int, block_size: int, end: int):
+    """Inputs, targets and weights [batch_size, block_size] of windows ``first_window`` onward.
+
+    ``end`` is one past the last stream token to use; rows past it are padding (weight 0).
+    """
+    t = block_size
+    start = min(first_window * t, end)
+    tokens = stream.read(start, min(start + batch_size * t + 1, end))
+    windows = [tokens[i : i + t + 1] for i in range(0, max(len(tokens) - 1, 0), t)]
+    return pack_rows(windows, [len(w) - 1 for w in windows], batch_size, t)
+
+
+def evaluate_loss(
+    model: GPT,
+    data_dir: str | os.PathLike,
+    *,
+    batch_size: int,
+    block_size: int | None = None,
+    max_tokens: int | None = None,
+    split: str = "val",
+    mesh: Mesh | None = None,
+    progress: bool = False,
+) -> dict:
+    """Mean loss over a split's shards: ``{"val_loss", "perplexity", "n_tokens"}`` (see the module doc).
+
+    ``batch_size`` windows of ``block_size`` (default: the model's) run per step, split over
+    the mesh's ``data`` axis; the model is used as placed (shard it first for tensor parallelism).
+    """
+    block_size = model.config.block_size if block_size is None else block_size
+    if not 1 <= block_size <= model.config.block_size:
+        raise UserError(f"block_size must be between 1 and the model's {model.config.block_size}, got {block_size}")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be positive, got {batch_size}")
+    if max_tokens is not None and max_tokens < 1:
+        raise UserError(f"max_tokens must be positive, got {max_tokens}")
+    scorer = RowScorer(model, mesh)
+    scorer.check_rows(batch_size, "batch size")
+    paths = list_shards(data_dir, split)
+    stream = TokenStream([open_shard(p, vocab_size=model.config.vocab_size) for p in paths])
+    end = len(stream) if max_tokens is None else min(len(stream), max_tokens + 1)
+    n_tokens = end - 1
+    if n_tokens < 1:
+        raise UserError(f"the '{split}' shards in {data_dir} hold {len(stream)} tokens; at least 2 are needed")
+
+    n_windows = -(-n_tokens // block_size)
+    total_log_likelihood, counted = 0.0, 0
+    bar = tqdm(total=n_tokens, desc=f"{split} loss", unit="tok", unit_scale=True, disable=not progress)
+    for first in range(0, n_windows, batch_size):
+        inputs, targets, weights = window_batch(stream, first, batch_size, block_size, end)
+        total_log_likelihood += scorer(inputs, targets, weights).sum()
+        counted += int(weights.sum())
+        bar.update(int(weights.sum()))
+    bar.close()
+    assert counted == n_tokens, (counted, n_tokens)
+    loss = float(-total_log_likelihood / n_tokens)
+    return {"val_loss": loss, "perplexity": math.exp(loss), "n_tokens": n_tokens}

@@ -1,0 +1,116 @@
+"""What ``sample.py`` does, as testable pieces: its config, reading prompts, streaming text out."""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+import jax
+from jax.sharding import Mesh
+
+from jaxgpt.cli import option
+from jaxgpt.config import DType
+from jaxgpt.errors import UserError
+from jaxgpt.model import GPT
+from jaxgpt.sampling import SamplingParams, check_prompts, generate
+from jaxgpt.tokenizer import Tokenizer
+
+FILE_PREFIX = "FILE:"
+SEPARATOR = "---------------"
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """Generate text from a trained or pretrained GPT-2."""
+
+    init_from: str = option("gpt2", "a training out_dir, a Hugging Face GPT-2 directory, or a hub id (online)")
+    prompt: str = option("", "prompt text, or FILE:path to read it from a file; empty starts from <|endoftext|>")
+    num_samples: int = option(1, "samples per prompt")
+    max_new_tokens: int = option(256, "tokens to generate per sample (prompt + these must fit the context)")
+    temperature: float = option(0.8, "1 samples the model's distribution, lower is more conservative, 0 is greedy")
+    top_k: int | None = option(200, "sample from the k most likely tokens only (none: all)")
+    top_p: float | None = option(None, "nucleus sampling: the most likely tokens holding this probability (none: off)")
+    seed: int = option(1337, "random seed")
+    dtype: DType = option("float32", "compute dtype")
+    mesh: str | None = option(None, "device mesh DxM (data x model), e.g. 4x2; none: one device")
+    stop_at_eot: bool = option(True, "end a sample at <|endoftext|> (false: keep going to max_new_tokens)")
+    stream: bool = option(True, "print tokens as they come, one sample after another (false: one batch)")
+    interactive: bool = option(False, "read prompts from stdin, one per line, until end of input")
+
+    def __post_init__(self) -> None:
+        SamplingParams(self.temperature, self.top_k, self.top_p)  # fail before loading a model
+        if self.num_samples < 1:
+            raise UserError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+def load_prompt(text: str) -> str:
+    """The prompt itself, or the contents of the file named after ``FILE:``."""
+    if not text.startswith(FILE_PREFIX):
+        return text
+    path = Path(text.removeprefix(FILE_PREFIX)).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"could not read the prompt file {path}: {err.strerror or err}") from err
+
+
+def read_prompts(config: SampleConfig, stdin: TextIO = sys.stdin) -> Iterator[str]:
+    """The --prompt, or with --interactive one prompt per line of stdin (blank: <|endoftext|>)."""
+    if not config.interactive:
+        yield load_prompt(config.prompt)
+        return
+    while True:
+        if stdin.isatty():
+            print("prompt> ", end="", file=sys.stderr, flush=True)
+        line = stdin.readline()
+        if not line:
+            return
+        yield load_prompt(line.rstrip("\n"))
+
+
+class TextStream:
+    """Writes one sample as text while its tokens arrive; a character split across tokens waits for its last byte."""
+
+    def __init__(self, tokenizer: Tokenizer, out: TextIO, prompt: str, hide_eot: bool):
+        self.tokenizer, self.out, self.hide_eot = tokenizer, out, hide_eot
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        out.write(prompt)
+
+    def __call__(self, row: int, token: int) -> None:
+        """``generate``'s on_token for a batch of one; the end-of-text token that ends a sample is not shown."""
+        if not (self.hide_eot and token == self.tokenizer.eot_id):
+            self.out.write(self._utf8.decode(self.tokenizer.decode_bytes([token])))
+            self.out.flush()
+
+    def close(self) -> None:
+        self.out.write(self._utf8.decode(b"", final=True) + "\n" + SEPARATOR + "\n")
+        self.out.flush()
+
+
+def sample_prompt(
+    model: GPT, tokenizer: Tokenizer, prompt: str, config: SampleConfig, key: jax.Array, out: TextIO, mesh: Mesh | None
+) -> None:
+    """Writes ``config.num_samples`` continuations of ``prompt``, each after the prompt and ending in a separator."""
+    tokens = check_prompts(model, [tokenizer.encode(prompt, allow_eot=True)], config.max_new_tokens)[0]
+    kwargs = dict(
+        temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+        stop_at_eot=config.stop_at_eot, mesh=mesh, eot_id=tokenizer.eot_id,
+    )  # fmt: skip
+    new_stream = lambda: TextStream(tokenizer, out, prompt, hide_eot=config.stop_at_eot)
+    if config.stream:  # one sample at a time: the lines of samples streamed together would interleave
+        for i in range(config.num_samples):
+            stream = new_stream()
+            generate(model, [tokens], config.max_new_tokens, key=jax.random.fold_in(key, i), on_token=stream, **kwargs)
+            stream.close()
+        return
+    for row_tokens in generate(model, [tokens] * config.num_samples, config.max_new_tokens, key=key, **kwargs):
+        stream = new_stream()
+        for token in row_tokens:
+            stream(0, token)
+        stream.close()

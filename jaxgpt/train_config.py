@@ -1,0 +1,184 @@
+"""Training configuration: one typed dataclass, named run presets, and the command line over both.
+
+``python train.py --preset NAME`` starts from a preset (a TrainConfig and a GPTConfig);
+any field of either can then be overridden by its flag (``--lr 3e-4 --n_layer 4``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from jaxgpt.cli import add_dataclass_arguments, build, option
+from jaxgpt.config import GPTConfig, preset
+from jaxgpt.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Training run: data, optimisation, mesh, logging and checkpoints."""
+
+    preset: str = option("shakespeare", "named run preset that sets every other default (see the README)")
+    data_dir: str = option("data/shakespeare", "token shards from python -m jaxgpt.data.prepare")
+    out_dir: str = option("out/shakespeare", "checkpoints, metrics.jsonl and the run description go here")
+    init_from: str = option("scratch", "scratch, gpt2[-medium|-large|-xl], a HF GPT-2 dir or a jaxgpt out_dir")
+    resume: bool = option(False, "continue the run in out_dir from its last checkpoint (also automatic if one exists)")
+    mesh: str | None = option(None, "device mesh DxM (data x model parallel); default: every device on data")
+    fsdp: bool = option(False, "also shard parameters and optimizer state over the data axis (ZeRO-3)")
+    max_steps: int = option(1000, "optimizer steps to train for")
+    batch_size: int = option(16, "sequences per micro-batch, global (split over the data axis)")
+    grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
+    lr: float = option(1e-3, "peak learning rate")
+    min_lr: float = option(1e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = option(50, "linear warmup steps")
+    lr_decay_steps: int | None = option(None, "step where the cosine reaches min_lr (default: max_steps)")
+    weight_decay: float = option(0.1, "AdamW weight decay on matrices and embeddings")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    eps: float = option(1e-8, "AdamW epsilon")
+    grad_clip: float = option(1.0, "clip gradients to this global norm (0: off)")
+    log_interval: int = option(10, "log a line and a metrics.jsonl record every N steps")
+    eval_interval: int = option(100, "validation loss every N steps (0: only at the end)")
+    eval_iters: int = option(20, "validation batches per evaluation")
+    sample_interval: int = option(0, "print a generated sample every N steps (0: at each evaluation)")
+    sample_tokens: int = option(64, "tokens per printed sample")
+    save_interval: int = option(250, "checkpoint every N steps (and always at the end)")
+    keep_checkpoints: int = option(3, "keep the last N checkpoints (plus the best by validation loss)")
+    hellaswag_interval: int = option(0, "HellaSwag accuracy every N steps (0: off)")
+    hellaswag_path: str | None = option(None, "local hellaswag_val.jsonl (default: download when online)")
+    hellaswag_items: int | None = option(None, "score only the first N HellaSwag items (default: all 10,042)")
+    seed: int = option(1337, "seed for initialisation, data order and dropout")
+    data_workers: int = option(0, "Grain worker processes reading batches (0: read in the main process)")
+    peak_flops: float | None = option(None, "peak FLOP/s per device for MFU (default: looked up by device kind)")
+
+    def __post_init__(self) -> None:
+        positive = ("max_steps", "batch_size", "grad_accum", "log_interval", "eval_iters", "save_interval")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise UserError(f"need 0 <= --min_lr <= --lr, got min_lr={self.min_lr} lr={self.lr}")
+
+    @property
+    def decay_steps(self) -> int:
+        return self.lr_decay_steps or self.max_steps
+
+    def tokens_per_step(self, block_size: int) -> int:
+        return self.batch_size * self.grad_accum * block_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _run(train: dict[str, Any], model: GPTConfig) -> tuple[TrainConfig, GPTConfig]:
+    return TrainConfig(**train), model
+
+
+# Each preset: (TrainConfig, GPTConfig). Numbers follow the recipe named in the comment.
+RUN_PRESETS: dict[str, tuple[TrainConfig, GPTConfig]] = {
+    # A small GPT that learns tiny Shakespeare on a laptop CPU in a few minutes.
+    "shakespeare": _run(
+        dict(),
+        GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.0, pad_vocab_multiple=64),
+    ),
+    # llm.c / build-nanogpt: 524,288 tokens a step (64 x 1024 x 8 on one GPU; on N GPUs use
+    # --batch_size 64*N --grad_accum 8/N), 10B FineWeb tokens in 19,073 steps.
+    "gpt2-124m-fineweb": _run(
+        dict(
+            preset="gpt2-124m-fineweb",
+            data_dir="data/fineweb10B",
+            out_dir="out/gpt2-124m-fineweb",
+            max_steps=19073,
+            batch_size=64,
+            grad_accum=8,
+            lr=6e-4,
+            min_lr=6e-5,
+            warmup_steps=715,
+            weight_decay=0.1,
+            eval_interval=250,
+            eval_iters=20,
+            save_interval=1000,
+            hellaswag_interval=250,
+            sample_interval=1000,
+            data_workers=2,
+        ),
+        preset("gpt2", pad_vocab_multiple=64, dtype="bfloat16"),
+    ),
+    # nanoGPT's config/train_gpt2.py: 12 x 1024 x 40 = 491,520 tokens a step, 600k steps on OpenWebText.
+    "gpt2-124m-owt": _run(
+        dict(
+            preset="gpt2-124m-owt",
+            data_dir="data/openwebtext",
+            out_dir="out/gpt2-124m-owt",
+            max_steps=600000,
+            batch_size=12,
+            grad_accum=40,
+            lr=6e-4,
+            min_lr=6e-5,
+            warmup_steps=2000,
+            weight_decay=0.1,
+            eval_interval=1000,
+            eval_iters=200,
+            save_interval=1000,
+            data_workers=2,
+        ),
+        preset("gpt2", pad_vocab_multiple=64, dtype="bfloat16"),
+    ),
+    # nanoGPT's config/finetune_shakespeare.py, from OpenAI's GPT-2 124M: few steps, small constant lr.
+    "finetune-shakespeare": _run(
+        dict(
+            preset="finetune-shakespeare",
+            out_dir="out/finetune-shakespeare",
+            init_from="gpt2",
+            max_steps=20,
+            batch_size=1,
+            grad_accum=32,
+            lr=3e-5,
+            min_lr=3e-5,
+            warmup_steps=0,
+            weight_decay=0.0,
+            eval_interval=5,
+            eval_iters=20,
+            save_interval=10,
+        ),
+        preset("gpt2", dropout=0.1),
+    ),
+}
+
+# Fields of GPTConfig that fix parameter shapes: a pretrained model's values win over the preset's.
+SHAPE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_embd")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    train: TrainConfig
+    model: GPTConfig
+    model_flags: frozenset[str]  # GPTConfig fields the user set on the command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python train.py",
+        description="Train or fine-tune a GPT on a device mesh. Defaults shown are the 'shakespeare' preset's; "
+        f"--preset picks another set ({', '.join(RUN_PRESETS)}).",
+    )
+    train_defaults, model_defaults = RUN_PRESETS["shakespeare"]
+    add_dataclass_arguments(parser, TrainConfig, train_defaults)
+    add_dataclass_arguments(parser, GPTConfig, model_defaults)
+    return parser
+
+
+def parse_run_config(argv: Sequence[str] | None = None) -> RunConfig:
+    namespace = build_parser().parse_args(argv)
+    name = getattr(namespace, "preset", "shakespeare")
+    if name not in RUN_PRESETS:
+        raise UserError(f"unknown --preset {name!r}; choose one of {', '.join(RUN_PRESETS)}")
+    train_base, model_base = RUN_PRESETS[name]
+    model_fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    return RunConfig(
+        train=build(TrainConfig, namespace, train_base),
+        model=build(GPTConfig, namespace, model_base),
+        model_flags=frozenset(k for k in vars(namespace) if k in model_fields),
+    )

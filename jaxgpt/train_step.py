@@ -1,0 +1,138 @@
+"""The compiled training and evaluation steps.
+
+The hot step is one ``jax.jit`` over plain pytrees (a flat parameter dict and the
+optax state) with explicit input/output shardings and the state donated; the
+model is merged from the parameters inside the trace. Flax's performance guide
+recommends this over ``nnx.jit``, which walks the object graph in Python on every
+call; ``make_nnx_train_step`` keeps the ``nnx.jit`` variant for the benchmark.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxgpt.losses import cross_entropy
+from jaxgpt.params import ParamCodec, Params
+from jaxgpt.sharding import DATA, replicated
+
+Batch = dict[str, jax.Array]  # "inputs", "targets": int32 [grad_accum, batch, block_size]
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Params
+    opt_state: optax.OptState
+    first_bad_step: jax.Array  # int32 scalar: the first step with a non-finite loss or gradient, -1 if none
+    rng: jax.Array  # uint32 key data: dropout keys are folded from it with the step
+
+
+def init_train_state(params: Params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        first_bad_step=jnp.full((), -1, jnp.int32),
+        rng=jax.random.key_data(jax.random.key(seed)),
+    )
+
+
+def train_state_shardings(codec: ParamCodec, tx: optax.GradientTransformation, mesh: Mesh, fsdp: bool) -> TrainState:
+    """Explicit shardings for every leaf: optimizer moments are sharded exactly like their parameters."""
+    param_shardings = codec.shardings(mesh, fsdp)
+    abstract_opt = jax.eval_shape(tx.init, codec.abstract)
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, sharding: sharding, abstract_opt, param_shardings, transform_non_params=lambda _: replicated(mesh)
+    )
+    scalar = replicated(mesh)
+    return TrainState(scalar, param_shardings, opt_shardings, scalar, scalar)
+
+
+def accumulated_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """[grad_accum, batch, T]: micro-batches stacked in front, each split over ``data``."""
+    return NamedSharding(mesh, PartitionSpec(None, DATA, None))
+
+
+def loss_fn(codec: ParamCodec, params: Params, inputs: jax.Array, targets: jax.Array, key: jax.Array | None):
+    model = codec.to_model(params)
+    return cross_entropy(model(inputs, dropout_key=key), targets)
+
+
+def make_train_step(
+    codec: ParamCodec, tx: optax.GradientTransformation, schedule: optax.Schedule
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """One optimizer step over ``grad_accum`` micro-batches (their mean gradient), skipping non-finite updates."""
+    use_dropout = codec.config.dropout > 0
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        inputs, targets = batch["inputs"], batch["targets"]
+        assert inputs.ndim == 3 and inputs.shape == targets.shape, (inputs.shape, targets.shape)
+        accum = inputs.shape[0]
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        grad_fn = jax.value_and_grad(lambda p, x, y, k: loss_fn(codec, p, x, y, k))
+
+        def micro_step(carry, xs):
+            grad_sum, loss_sum = carry
+            x, y, index = xs
+            key = jax.random.fold_in(step_key, index) if use_dropout else None
+            loss, grads = grad_fn(state.params, x, y, key)
+            return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        (grad_sum, loss_sum), _ = jax.lax.scan(micro_step, (zeros, 0.0), (inputs, targets, jnp.arange(accum)))
+        grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grad_sum, state.params)
+        loss = loss_sum / accum
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        bad = jnp.where(~finite & (state.first_bad_step < 0), state.step, state.first_bad_step)
+        new_state = TrainState(
+            state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), bad, state.rng
+        )
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step)}
+        return new_state, metrics
+
+    return train_step
+
+
+def jit_train_step(step_fn: Callable, state_shardings: TrainState, mesh: Mesh) -> Callable:
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, accumulated_batch_sharding(mesh)),
+        out_shardings=(state_shardings, replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def make_eval_step(codec: ParamCodec, mesh: Mesh, param_shardings: Any) -> Callable[[Params, Batch], jax.Array]:
+    """Mean loss of one [batch, T] validation batch (no dropout)."""
+    batch_sharding = NamedSharding(mesh, PartitionSpec(DATA, None))
+
+    def eval_step(params: Params, batch: Batch) -> jax.Array:
+        return loss_fn(codec, params, batch["inputs"], batch["targets"], None)
+
+    return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding), out_shardings=replicated(mesh))
+
+
+def make_nnx_train_step(codec: ParamCodec, tx: optax.GradientTransformation):
+    """The same update through ``nnx.Optimizer`` and ``nnx.jit``, for the step-overhead benchmark only."""
+
+    @nnx.jit(donate_argnums=(0, 1))
+    def step(model, optimizer, inputs, targets):
+        def loss(m):
+            return cross_entropy(m(inputs), targets)
+
+        value, grads = nnx.value_and_grad(loss)(model)
+        optimizer.update(model, grads)
+        return value
+
+    return step

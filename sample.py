@@ -1,0 +1,48 @@
+"""Sample from a trained or pretrained GPT-2, streaming the text as it is generated.
+
+    python sample.py --init_from=out/gpt2-hf --prompt="Hello, I'm a language model,"
+    python sample.py --init_from=out/shakespeare --prompt=FILE:prompt.txt --num_samples=3 --top_p=0.9
+    python sample.py --init_from=out/gpt2-hf --interactive      # one prompt per line until end of input
+
+A prompt longer than the model's context is an error rather than silently cropped, and so is a
+prompt that leaves no room for --max_new_tokens: the fix (a shorter prompt, fewer tokens) is the
+user's to choose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import jax
+
+from jaxgpt.cli import add_dataclass_arguments, build, run
+from jaxgpt.errors import UserError
+from jaxgpt.loading import load_model
+from jaxgpt.sample_cli import SampleConfig, read_prompts, sample_prompt
+from jaxgpt.sharding import make_mesh, shard_model
+from jaxgpt.tokenizer import get_tokenizer
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python sample.py", description=SampleConfig.__doc__)
+    add_dataclass_arguments(parser, SampleConfig)
+    config = build(SampleConfig, parser.parse_args(argv))
+    tokenizer = get_tokenizer()
+    mesh = make_mesh(config.mesh) if config.mesh else None
+    model = load_model(config.init_from, dtype=config.dtype)
+    if mesh is not None:
+        shard_model(model, mesh)
+    key = jax.random.key(config.seed)
+    for i, prompt in enumerate(read_prompts(config)):
+        try:
+            sample_prompt(model, tokenizer, prompt, config, jax.random.fold_in(key, i), sys.stdout, mesh)
+        except UserError as err:
+            if not config.interactive:
+                raise
+            print(f"error: {err}", file=sys.stderr)  # a bad prompt should not end the session
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,23 @@
+"""Train or fine-tune a GPT: ``python train.py --help`` lists every flag with its default.
+
+python -m jaxgpt.data.prepare --input ../shared/data/tinyshakespeare.txt --out_dir data/shakespeare
+python train.py                                   # the small 'shakespeare' preset, CPU or one GPU
+python train.py --preset gpt2-124m-fineweb --mesh=8x1   # GPT-2 124M on 8 GPUs
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from jaxgpt.cli import run
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from jaxgpt.train_config import parse_run_config
+    from jaxgpt.trainer import train
+
+    train(parse_run_config(argv))
+
+
+if __name__ == "__main__":
+    run(main)
