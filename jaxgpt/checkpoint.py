@@ -148,6 +148,9 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.wait_until_finished()
+        # Orbax starts removing stale temporary steps in a thread when the manager opens and close() does
+        # not join it; a process that exits before it ends prints a traceback. (Private API, hence getattr.)
+        getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
         self.manager.close()
 
 

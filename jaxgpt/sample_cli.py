@@ -57,11 +57,12 @@ def load_prompt(text: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"could not read the prompt file {path}: {err.strerror or err}") from err
+        raise UserError(f"could not read the prompt file {path}: {getattr(err, 'strerror', None) or err}") from err
 
 
-def read_prompts(config: SampleConfig, stdin: TextIO = sys.stdin) -> Iterator[str]:
+def read_prompts(config: SampleConfig, stdin: TextIO | None = None) -> Iterator[str]:
     """The --prompt, or with --interactive one prompt per line of stdin (blank: <|endoftext|>)."""
+    stdin = sys.stdin if stdin is None else stdin
     if not config.interactive:
         yield load_prompt(config.prompt)
         return

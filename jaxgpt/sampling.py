@@ -164,7 +164,7 @@ def _token_steps(
     if mesh is not None:  # batch over `data`, cache heads over `model` like the attention weights
         rows = batch_sharding(mesh)
         heads = MODEL if model.config.n_head % mesh.shape[MODEL] == 0 else None
-        cache_sharding = NamedSharding(mesh, PartitionSpec(DATA, None, heads, None))
+        cache_sharding = NamedSharding(mesh, PartitionSpec(DATA, heads, None, None))
     tokens, positions, key_mask = (jax.device_put(x, rows) for x in (tokens, positions, key_mask))
     shapes = jax.eval_shape(lambda: model.init_cache(len(prompts), cache_len))
     cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=cache_sharding), shapes)

@@ -27,8 +27,8 @@ class TrainConfig:
     resume: bool = option(False, "continue the run in out_dir from its last checkpoint (also automatic if one exists)")
     mesh: str | None = option(None, "device mesh DxM (data x model parallel); default: every device on data")
     fsdp: bool = option(False, "also shard parameters and optimizer state over the data axis (ZeRO-3)")
-    max_steps: int = option(1000, "optimizer steps to train for")
-    batch_size: int = option(16, "sequences per micro-batch, global (split over the data axis)")
+    max_steps: int = option(500, "optimizer steps to train for")
+    batch_size: int = option(12, "sequences per micro-batch, global (split over the data axis)")
     grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
     lr: float = option(1e-3, "peak learning rate")
     min_lr: float = option(1e-4, "learning rate at the end of the cosine decay")
@@ -36,15 +36,15 @@ class TrainConfig:
     lr_decay_steps: int | None = option(None, "step where the cosine reaches min_lr (default: max_steps)")
     weight_decay: float = option(0.1, "AdamW weight decay on matrices and embeddings")
     beta1: float = option(0.9, "AdamW beta1")
-    beta2: float = option(0.95, "AdamW beta2")
+    beta2: float = option(0.99, "AdamW beta2 (0.99 for small batches, 0.95 for GPT-2 scale)")
     eps: float = option(1e-8, "AdamW epsilon")
     grad_clip: float = option(1.0, "clip gradients to this global norm (0: off)")
     log_interval: int = option(10, "log a line and a metrics.jsonl record every N steps")
     eval_interval: int = option(100, "validation loss every N steps (0: only at the end)")
-    eval_iters: int = option(20, "validation batches per evaluation")
+    eval_iters: int = option(10, "validation batches per evaluation")
     sample_interval: int = option(0, "print a generated sample every N steps (0: at each evaluation)")
     sample_tokens: int = option(64, "tokens per printed sample")
-    save_interval: int = option(250, "checkpoint every N steps (and always at the end)")
+    save_interval: int = option(100, "checkpoint every N steps (and always at the end)")
     keep_checkpoints: int = option(3, "keep the last N checkpoints (plus the best by validation loss)")
     hellaswag_interval: int = option(0, "HellaSwag accuracy every N steps (0: off)")
     hellaswag_path: str | None = option(None, "local hellaswag_val.jsonl (default: download when online)")
@@ -76,55 +76,53 @@ def _run(train: dict[str, Any], model: GPTConfig) -> tuple[TrainConfig, GPTConfi
     return TrainConfig(**train), model
 
 
+# What the GPT-2 124M recipes share (AdamW as in GPT-3's paper, bf16 compute, vocab padded to 50304).
+_GPT2_RECIPE = dict(lr=6e-4, min_lr=6e-5, weight_decay=0.1, beta2=0.95, data_workers=2)
+_GPT2_124M = preset("gpt2", pad_vocab_multiple=64, dtype="bfloat16")
+
 # Each preset: (TrainConfig, GPTConfig). Numbers follow the recipe named in the comment.
 RUN_PRESETS: dict[str, tuple[TrainConfig, GPTConfig]] = {
-    # A small GPT that learns tiny Shakespeare on a laptop CPU in a few minutes.
+    # A small GPT that learns tiny Shakespeare on a laptop CPU in a few minutes (nanoGPT's CPU recipe).
     "shakespeare": _run(
         dict(),
-        GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.0, pad_vocab_multiple=64),
+        GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, pad_vocab_multiple=64),
     ),
     # llm.c / build-nanogpt: 524,288 tokens a step (64 x 1024 x 8 on one GPU; on N GPUs use
     # --batch_size 64*N --grad_accum 8/N), 10B FineWeb tokens in 19,073 steps.
     "gpt2-124m-fineweb": _run(
         dict(
+            _GPT2_RECIPE,
             preset="gpt2-124m-fineweb",
             data_dir="data/fineweb10B",
             out_dir="out/gpt2-124m-fineweb",
             max_steps=19073,
             batch_size=64,
             grad_accum=8,
-            lr=6e-4,
-            min_lr=6e-5,
             warmup_steps=715,
-            weight_decay=0.1,
             eval_interval=250,
             eval_iters=20,
             save_interval=1000,
             hellaswag_interval=250,
             sample_interval=1000,
-            data_workers=2,
         ),
-        preset("gpt2", pad_vocab_multiple=64, dtype="bfloat16"),
+        _GPT2_124M,
     ),
     # nanoGPT's config/train_gpt2.py: 12 x 1024 x 40 = 491,520 tokens a step, 600k steps on OpenWebText.
     "gpt2-124m-owt": _run(
         dict(
+            _GPT2_RECIPE,
             preset="gpt2-124m-owt",
             data_dir="data/openwebtext",
             out_dir="out/gpt2-124m-owt",
             max_steps=600000,
             batch_size=12,
             grad_accum=40,
-            lr=6e-4,
-            min_lr=6e-5,
             warmup_steps=2000,
-            weight_decay=0.1,
             eval_interval=1000,
             eval_iters=200,
             save_interval=1000,
-            data_workers=2,
         ),
-        preset("gpt2", pad_vocab_multiple=64, dtype="bfloat16"),
+        _GPT2_124M,
     ),
     # nanoGPT's config/finetune_shakespeare.py, from OpenAI's GPT-2 124M: few steps, small constant lr.
     "finetune-shakespeare": _run(
@@ -139,6 +137,7 @@ RUN_PRESETS: dict[str, tuple[TrainConfig, GPTConfig]] = {
             min_lr=3e-5,
             warmup_steps=0,
             weight_decay=0.0,
+            beta2=0.95,
             eval_interval=5,
             eval_iters=20,
             save_interval=10,

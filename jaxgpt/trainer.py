@@ -198,6 +198,7 @@ def sample_text(run: Run, num_tokens: int, seed: int) -> str:
     from jaxgpt.tokenizer import EOT_ID, get_tokenizer
 
     model = run.codec.to_model(run.state.params)
+    num_tokens = min(num_tokens, run.model.block_size - 1)  # the prompt is one token
     out = generate(
         model, [[EOT_ID]], num_tokens, temperature=0.8, top_k=200, key=jax.random.key(seed), stop_at_eot=False
     )

@@ -149,3 +149,16 @@ def test_metrics_file_has_the_documented_keys(data_dir, tmp_path):
         assert key in records[-1]
     assert "val_loss" in records[2] and "val_loss" in records[5] and "val_loss" not in records[0]
     assert jnp.isfinite(records[-1]["loss"])
+
+
+def test_help_lists_every_flag_with_its_default():
+    import dataclasses
+
+    from jaxgpt.train_config import TrainConfig
+
+    result = run_train_cli(["--help"])
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for field in (*dataclasses.fields(TrainConfig), *dataclasses.fields(GPTConfig)):
+        flag_help = text.rsplit(f" --{field.name} ", 1)[1].split(" --", 1)[0]
+        assert "(default: " in flag_help, field.name

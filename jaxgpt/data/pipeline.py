@@ -64,9 +64,9 @@ class DataConfig:
 class TokenStream:
     """The shards of one split as a single random-access token sequence (memory-mapped, validated on open)."""
 
-    def __init__(self, paths: Sequence[str | os.PathLike]) -> None:
+    def __init__(self, paths: Sequence[str | os.PathLike], vocab_size: int = 50257) -> None:
         self.paths = list(paths)
-        self.shards = [shards.open_shard(p) for p in self.paths]
+        self.shards = [shards.open_shard(p, vocab_size=vocab_size) for p in self.paths]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # global offset of each shard
         self.num_tokens = int(self.starts[-1])
 

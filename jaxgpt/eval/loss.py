@@ -24,31 +24,11 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jaxgpt.data.shards import list_shards, open_shard
+from jaxgpt.data.pipeline import TokenStream
+from jaxgpt.data.shards import list_shards
 from jaxgpt.errors import UserError
 from jaxgpt.eval.scoring import RowScorer, pack_rows
 from jaxgpt.model import GPT
-
-
-class TokenStream:
-    """Several memory-mapped shards read as one array (only the slices asked for are loaded)."""
-
-    def __init__(self, shards: list[np.ndarray]):
-        self.shards = shards
-        self.starts = np.cumsum([0] + [len(s) for s in shards]).tolist()
-
-    def __len__(self) -> int:
-        return self.starts[-1]
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Tokens ``start .. stop-1`` of the stream, as int32."""
-        assert 0 <= start <= stop <= len(self), (start, stop, len(self))
-        parts = [
-            shard[max(start - s0, 0) : min(stop - s0, len(shard))]
-            for shard, s0 in zip(self.shards, self.starts, strict=False)
-            if s0 < stop and s0 + len(shard) > start
-        ]
-        return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
 
 
 def window_batch(stream: TokenStream, first_window: int, batch_size: int, block_size: int, end: int):
@@ -58,7 +38,8 @@ def window_batch(stream: TokenStream, first_window: int, batch_size: int, block_
     """
     t = block_size
     start = min(first_window * t, end)
-    tokens = stream.read(start, min(start + batch_size * t + 1, end))
+    stop = min(start + batch_size * t + 1, end)
+    tokens = stream.read(np.asarray([start]), stop - start)[0] if stop > start else np.zeros(0, np.int32)
     windows = [tokens[i : i + t + 1] for i in range(0, max(len(tokens) - 1, 0), t)]
     return pack_rows(windows, [len(w) - 1 for w in windows], batch_size, t)
 
@@ -89,11 +70,11 @@ def evaluate_loss(
     scorer = RowScorer(model, mesh)
     scorer.check_rows(batch_size, "batch size")
     paths = list_shards(data_dir, split)
-    stream = TokenStream([open_shard(p, vocab_size=model.config.vocab_size) for p in paths])
-    end = len(stream) if max_tokens is None else min(len(stream), max_tokens + 1)
+    stream = TokenStream(paths, vocab_size=model.config.vocab_size)
+    end = stream.num_tokens if max_tokens is None else min(stream.num_tokens, max_tokens + 1)
     n_tokens = end - 1
     if n_tokens < 1:
-        raise UserError(f"the '{split}' shards in {data_dir} hold {len(stream)} tokens; at least 2 are needed")
+        raise UserError(f"the '{split}' shards in {data_dir} hold {stream.num_tokens} tokens; at least 2 are needed")
 
     n_windows = -(-n_tokens // block_size)
     total_log_likelihood, counted = 0.0, 0

@@ -1,0 +1,71 @@
+"""Draws a run's loss and learning-rate curves from its metrics.jsonl.
+
+    python -m jaxgpt.plot out/shakespeare            # writes out/shakespeare/curves.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from jaxgpt.cli import run
+from jaxgpt.errors import UserError
+
+
+def read_series(metrics_path: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """``{key: (steps, values)}`` for loss, val_loss, lr and acc_norm, skipping records without the key."""
+    if not metrics_path.is_file():
+        raise UserError(f"{metrics_path} not found; train first (python train.py --out_dir ...)")
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for line in metrics_path.read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        for key in ("loss", "val_loss", "lr", "acc_norm"):
+            if record.get(key) is not None:
+                steps, values = series.setdefault(key, ([], []))
+                steps.append(record["step"])
+                values.append(record[key])
+    return series
+
+
+def plot(out_dir: str | Path, output: str | Path | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    series = read_series(out_dir / "metrics.jsonl")
+    panels = 3 if "acc_norm" in series else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+    for key, label in (("loss", "train"), ("val_loss", "val")):
+        if key in series:
+            axes[0].plot(*series[key], label=label, marker="o" if key == "val_loss" else None)
+    axes[0].set(xlabel="step", ylabel="loss", title="loss")
+    axes[0].legend()
+    if "lr" in series:
+        axes[1].plot(*series["lr"])
+    axes[1].set(xlabel="step", ylabel="learning rate", title="learning rate")
+    if panels == 3:
+        axes[2].plot(*series["acc_norm"], marker="o")
+        axes[2].set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
+    fig.tight_layout()
+    path = Path(output) if output else out_dir / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m jaxgpt.plot", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", help="a training out_dir holding metrics.jsonl")
+    parser.add_argument("--output", default=None, help="PNG path (default: OUT_DIR/curves.png)")
+    args = parser.parse_args(argv)
+    print(f"wrote {plot(args.out_dir, args.output)}")
+
+
+if __name__ == "__main__":
+    run(main)
