@@ -61,10 +61,10 @@ def load_prompt(text: str) -> str:
 
 
 def read_prompts(config: SampleConfig, stdin: TextIO | None = None) -> Iterator[str]:
-    """The --prompt, or with --interactive one prompt per line of stdin (blank: <|endoftext|>)."""
+    """The --prompt, or with --interactive each line of stdin (blank: <|endoftext|>), as given (maybe FILE:path)."""
     stdin = sys.stdin if stdin is None else stdin
     if not config.interactive:
-        yield load_prompt(config.prompt)
+        yield config.prompt
         return
     while True:
         if stdin.isatty():
@@ -72,7 +72,7 @@ def read_prompts(config: SampleConfig, stdin: TextIO | None = None) -> Iterator[
         line = stdin.readline()
         if not line:
             return
-        yield load_prompt(line.rstrip("\n"))
+        yield line.rstrip("\n")
 
 
 class TextStream:
@@ -97,7 +97,8 @@ class TextStream:
 def sample_prompt(
     model: GPT, tokenizer: Tokenizer, prompt: str, config: SampleConfig, key: jax.Array, out: TextIO, mesh: Mesh | None
 ) -> None:
-    """Writes ``config.num_samples`` continuations of ``prompt``, each after the prompt and ending in a separator."""
+    """Writes ``config.num_samples`` continuations of ``prompt`` (text or FILE:path), each after the prompt."""
+    prompt = load_prompt(prompt)
     tokens = check_prompts(model, [tokenizer.encode(prompt, allow_eot=True)], config.max_new_tokens)[0]
     kwargs = dict(
         temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
