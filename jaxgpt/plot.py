@@ -1,6 +1,6 @@
 """Draws a run's loss and learning-rate curves from its metrics.jsonl.
 
-    python -m jaxgpt.plot out/shakespeare            # writes out/shakespeare/curves.png
+Usage: ``python -m jaxgpt.plot out/shakespeare`` writes out/shakespeare/curves.png.
 """
 
 from __future__ import annotations

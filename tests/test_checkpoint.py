@@ -65,7 +65,7 @@ def test_a_differently_shaped_model_is_refused_by_name(tmp_path):
     with pytest.raises(UserError, match=r"c_attn.bias is \(3, 4, 8\) in the checkpoint but \(3, 4, 16\)"):
         checkpointer.restore(0, bigger, train_state_shardings(codec, tx, make_mesh("8x1"), False))
     deeper, codec, tx = make_state(TINY.replace(n_layer=3))
-    with pytest.raises(UserError, match="h.2.attn.c_attn.bias is missing in the checkpoint"):
+    with pytest.raises(UserError, match=r"h\.2\.attn\.c_attn\.bias is missing in the checkpoint"):
         checkpointer.restore(0, deeper, train_state_shardings(codec, tx, make_mesh("8x1"), False))
     checkpointer.close()
 
