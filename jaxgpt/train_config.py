@@ -26,6 +26,7 @@ class TrainConfig:
     init_from: str = option("scratch", "scratch, gpt2[-medium|-large|-xl], a HF GPT-2 dir or a jaxgpt out_dir")
     resume: bool = option(False, "continue the run in out_dir from its last checkpoint (also automatic if one exists)")
     mesh: str | None = option(None, "device mesh DxM (data x model parallel); default: every device on data")
+    distributed: bool = option(False, "multi-host: call jax.distributed.initialize() first (SLURM, TPU pods, ...)")
     fsdp: bool = option(False, "also shard parameters and optimizer state over the data axis (ZeRO-3)")
     max_steps: int = option(500, "optimizer steps to train for")
     batch_size: int = option(12, "sequences per micro-batch, global (split over the data axis)")

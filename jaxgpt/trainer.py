@@ -94,6 +94,8 @@ def _resumed_config(run: RunConfig) -> GPTConfig:
 def setup(run: RunConfig, devices: list | None = None) -> Run:
     """Builds the run; ``devices`` (default: all) is what ``--mesh`` must cover exactly."""
     cfg = run.train
+    if cfg.distributed:  # every host runs the same command; JAX finds its peers from the cluster's environment
+        jax.distributed.initialize()
     mesh = make_mesh(cfg.mesh, devices)
     check_batch_divisible(cfg.batch_size, mesh, "--batch_size")
     checkpointer = Checkpointer(cfg.out_dir, keep_last=cfg.keep_checkpoints)
