@@ -123,23 +123,20 @@ def _build(run: RunConfig, cfg: TrainConfig, mesh: Mesh, checkpointer: Checkpoin
         seed=cfg.seed,
         worker_count=cfg.data_workers,
     )
-    data_iter = make_train_iterator(data)  # checks the data before any compilation
-
     codec = ParamCodec(model_config)
     schedule = learning_rate_schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.decay_steps)
     tx = make_optimizer(
         schedule, weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, grad_clip=cfg.grad_clip
     )
     shardings = train_state_shardings(codec, tx, mesh, cfg.fsdp)
-    if pretrained is not None:
-        params = jax.device_put(pretrained, shardings.params)
-    else:
-        params = codec.init(cfg.seed, shardings.params)
-    state = jax.jit(lambda p: init_train_state(p, tx, cfg.seed), out_shardings=shardings)(params)
-    if latest is not None:
-        state, data_state = checkpointer.restore(latest, state, shardings)
+    if latest is not None:  # restore into shapes only: nothing is initialised just to be overwritten
+        abstract = jax.eval_shape(lambda p: init_train_state(p, tx, cfg.seed), codec.abstract)
+        state, data_state = checkpointer.restore(latest, abstract, shardings)
         data_iter = restore_iterator(data, data_state)
     else:
+        data_iter = make_train_iterator(data)  # checks the data before anything is compiled
+        params = jax.device_put(pretrained, shardings.params) if pretrained else codec.init(cfg.seed, shardings.params)
+        state = jax.jit(lambda p: init_train_state(p, tx, cfg.seed), out_shardings=shardings)(params)
         write_run_file(cfg.out_dir, model_config, cfg.to_dict())
 
     abstract_model = nnx.eval_shape(lambda: GPT(model_config, nnx.Rngs(0)))
