@@ -98,8 +98,12 @@ class Checkpointer:
     ) -> None:
         """Starts an asynchronous save of ``state`` at its step (returns before the bytes are written)."""
         step = int(state.step)
-        train = {"step": state.step, "opt_state": state.opt_state, "first_bad_step": state.first_bad_step}
-        train["rng"] = state.rng
+        train = {
+            "step": state.step,
+            "opt_state": state.opt_state,
+            "first_bad_step": state.first_bad_step,
+            "rng": state.rng,
+        }
         self.manager.save(
             step,
             args=ocp.args.Composite(

@@ -18,7 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -183,16 +183,12 @@ def flat_params(model: GPT) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in ParamCodec(model.config).to_flat(model).items()}
 
 
-def model_from_params(config: GPTConfig, params: dict[str, np.ndarray], place: Callable | None = None) -> GPT:
-    """Builds a GPT without initialising it randomly, then fills in ``params`` (cast to param_dtype).
-
-    ``place(flat_params) -> flat_params`` may put the arrays on devices (sharded loading).
-    """
+def model_from_params(config: GPTConfig, params: dict[str, np.ndarray]) -> GPT:
+    """Builds a GPT without initialising it randomly, then fills in ``params`` (cast to param_dtype)."""
     codec = ParamCodec(config)
     assert set(params) == set(codec.names), set(params) ^ set(codec.names)
     cast = {name: params[name].astype(codec.abstract[name].dtype) for name in codec.names}
-    placed = place(cast) if place is not None else {k: jax.numpy.asarray(v) for k, v in cast.items()}
-    return codec.to_model(placed)
+    return codec.to_model({k: jax.numpy.asarray(v) for k, v in cast.items()})
 
 
 def load_hf_gpt2(name_or_path: str | os.PathLike, **overrides: Any) -> GPT:
@@ -201,9 +197,8 @@ def load_hf_gpt2(name_or_path: str | os.PathLike, **overrides: Any) -> GPT:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise UserError(f"{directory} has no config.json; is it a Hugging Face GPT-2 directory?")
-    place = overrides.pop("place", None)
     config = config_from_hf(json.loads(config_path.read_text()), **overrides)
-    return model_from_params(config, params_from_hf(read_hf_tensors(directory), config), place)
+    return model_from_params(config, params_from_hf(read_hf_tensors(directory), config))
 
 
 def save_hf_gpt2(model: GPT, out_dir: str | os.PathLike) -> Path:

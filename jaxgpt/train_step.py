@@ -10,7 +10,7 @@ call; ``make_nnx_train_step`` keeps the ``nnx.jit`` variant for the benchmark.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -111,16 +111,6 @@ def jit_train_step(step_fn: Callable, state_shardings: TrainState, mesh: Mesh) -
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=(0,),
     )
-
-
-def make_eval_step(codec: ParamCodec, mesh: Mesh, param_shardings: Any) -> Callable[[Params, Batch], jax.Array]:
-    """Mean loss of one [batch, T] validation batch (no dropout)."""
-    batch_sharding = NamedSharding(mesh, PartitionSpec(DATA, None))
-
-    def eval_step(params: Params, batch: Batch) -> jax.Array:
-        return loss_fn(codec, params, batch["inputs"], batch["targets"], None)
-
-    return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding), out_shardings=replicated(mesh))
 
 
 def make_nnx_train_step(codec: ParamCodec, tx: optax.GradientTransformation):

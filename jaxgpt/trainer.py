@@ -21,20 +21,19 @@ from tqdm.auto import tqdm
 from jaxgpt import metrics as metrics_lib
 from jaxgpt.checkpoint import Checkpointer, read_run_file, write_run_file
 from jaxgpt.config import GPTConfig
-from jaxgpt.data.pipeline import DataConfig, iterator_state, make_eval_batches, make_train_iterator, restore_iterator
+from jaxgpt.data.pipeline import DataConfig, iterator_state, make_train_iterator, restore_iterator
 from jaxgpt.errors import UserError
 from jaxgpt.loading import load_model
 from jaxgpt.model import GPT, non_embedding_params
 from jaxgpt.optim import learning_rate_schedule, make_optimizer
 from jaxgpt.params import ParamCodec
-from jaxgpt.sharding import batch_sharding, check_batch_divisible, make_mesh
+from jaxgpt.sharding import check_batch_divisible, make_mesh
 from jaxgpt.train_config import SHAPE_FIELDS, RunConfig, TrainConfig
 from jaxgpt.train_step import (
     TrainState,
     accumulated_batch_sharding,
     init_train_state,
     jit_train_step,
-    make_eval_step,
     make_train_step,
     train_state_shardings,
 )
@@ -54,7 +53,6 @@ class Run:
     codec: ParamCodec
     state: TrainState
     step_fn: Any
-    eval_fn: Any
     data: DataConfig
     data_iter: Any
     checkpointer: Checkpointer
@@ -135,7 +133,10 @@ def _build(run: RunConfig, cfg: TrainConfig, mesh: Mesh, checkpointer: Checkpoin
         data_iter = restore_iterator(data, data_state)
     else:
         data_iter = make_train_iterator(data)  # checks the data before anything is compiled
-        params = jax.device_put(pretrained, shardings.params) if pretrained else codec.init(cfg.seed, shardings.params)
+        if pretrained is not None:
+            params = jax.device_put(pretrained, shardings.params)
+        else:
+            params = codec.init(cfg.seed, shardings.params)
         state = jax.jit(lambda p: init_train_state(p, tx, cfg.seed), out_shardings=shardings)(params)
         write_run_file(cfg.out_dir, model_config, cfg.to_dict())
 
@@ -147,7 +148,6 @@ def _build(run: RunConfig, cfg: TrainConfig, mesh: Mesh, checkpointer: Checkpoin
         codec=codec,
         state=state,
         step_fn=jit_train_step(make_train_step(codec, tx, schedule), shardings, mesh),
-        eval_fn=make_eval_step(codec, mesh, shardings.params),
         data=data,
         data_iter=data_iter,
         checkpointer=checkpointer,
@@ -167,17 +167,15 @@ def next_batch(run: Run) -> dict[str, jax.Array]:
 
 
 def evaluate(run: Run) -> float:
-    """Mean validation loss over the first ``eval_iters`` batches of the val split (always the same ones)."""
-    sharding = batch_sharding(run.mesh)
-    losses = []
-    batches = make_eval_batches(
-        run.data.data_dir, "val", block_size=run.model.block_size, batch_size=run.train.batch_size,
-        max_batches=run.train.eval_iters,
-    )  # fmt: skip
-    for local in batches:
-        batch = {k: jax.make_array_from_process_local_data(sharding, v.astype(np.int32)) for k, v in local.items()}
-        losses.append(run.eval_fn(run.state.params, batch))
-    return float(np.mean(jax.device_get(losses)))
+    """Mean validation loss over the first ``eval_iters`` batches of windows (always the same tokens)."""
+    from jaxgpt.eval.loss import evaluate_loss
+
+    t, cfg = run.model.block_size, run.train
+    model = run.codec.to_model(run.state.params)
+    result = evaluate_loss(
+        model, cfg.data_dir, batch_size=cfg.batch_size, max_tokens=cfg.eval_iters * cfg.batch_size * t, mesh=run.mesh
+    )
+    return result["val_loss"]
 
 
 def check_finite(run: Run) -> None:
@@ -201,7 +199,7 @@ def sample_text(run: Run, num_tokens: int, seed: int) -> str:
     out = generate(
         model, [[EOT_ID]], num_tokens, temperature=0.8, top_k=200, key=jax.random.key(seed), stop_at_eot=False
     )
-    return get_tokenizer().decode([t for t in out[0] if t < get_tokenizer().vocab_size])
+    return get_tokenizer().decode(out[0])
 
 
 def format_record(record: dict[str, Any], max_steps: int) -> str:

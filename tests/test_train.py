@@ -162,3 +162,15 @@ def test_help_lists_every_flag_with_its_default():
     for field in (*dataclasses.fields(TrainConfig), *dataclasses.fields(GPTConfig)):
         flag_help = text.rsplit(f" --{field.name} ", 1)[1].split(" --", 1)[0]
         assert "(default: " in flag_help, field.name
+
+
+def test_validation_loss_is_the_mean_over_the_first_eval_iters_batches(data_dir, tmp_path):
+    from jaxgpt.data.pipeline import make_eval_batches
+    from jaxgpt.losses import cross_entropy
+    from jaxgpt.trainer import evaluate
+
+    _, run = first_losses(data_dir, tmp_path / "out", "--mesh", "4x2", steps=1)
+    model = run.codec.to_model(run.state.params)
+    batches = make_eval_batches(data_dir, "val", block_size=16, batch_size=8, max_batches=2)  # eval_iters is 2
+    expected = np.mean([float(cross_entropy(model(b["inputs"]), b["targets"])) for b in batches])
+    assert evaluate(run) == pytest.approx(expected, abs=1e-5)
