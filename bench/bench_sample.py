@@ -39,7 +39,7 @@ class BenchConfig:
     dtype: DType = option("float32", "jaxgpt compute dtype")
     hf: bool = option(True, "also time transformers' GPT2LMHeadModel.generate (use_cache, greedy)")
     threads: int = option(2, "torch CPU threads (match the cores XLA uses)")
-    repeats: int = option(3, "timed runs of each, interleaved; the fastest counts (shared machines are noisy)")
+    repeats: int = option(5, "timed runs of each, interleaved; the fastest counts (shared machines are noisy)")
     seed: int = option(0, "seed of the weights and the prompts")
 
 

@@ -73,13 +73,48 @@ def resolve_attention(config: GPTConfig) -> str:
 
 
 class KVCache(NamedTuple):
-    """One layer's keys and values for incremental decoding, each [batch, heads, max_len, head_dim].
+    """One layer's keys [batch, heads, head_dim, max_len] (transposed) and values [batch, heads, max_len, head_dim].
 
-    Heads before slots: XLA:CPU's attention reads a [batch, max_len, heads, head_dim] cache ~8x slower.
+    In these layouts both attention products of a decode step are plain batched matmuls; in the
+    usual [batch, heads, max_len, head_dim] for keys, XLA:CPU transposes the cache every step.
     """
 
     key: Array
     value: Array
+
+
+def _cached_attention(
+    q: Array, k: Array, v: Array, cache: KVCache, cache_index: Array | int, mask: Array
+) -> tuple[Array, KVCache]:
+    """Attention of a chunk's q, k, v [B, T, H, D] placed at cache slots cache_index..+T; returns y and the new cache.
+
+    ``mask`` [B, 1, T, S] says which cache slots each query sees. The chunk's own keys are scored
+    apart from the cache, which is read first and updated in place last: read after the update,
+    XLA:CPU keeps a copy of every layer's cache each step (jaxgpt.sampling compiles so that, read
+    before, it keeps none). Scores and softmax are float32.
+    """
+    t, s = q.shape[1], cache.value.shape[2]
+    index = jnp.asarray(cache_index, jnp.int32)
+    scores = jnp.concatenate(  # [B, H, T, S + T]: the cache's slots, then the chunk's own
+        [
+            jnp.einsum("bthd,bhds->bhts", q, cache.key.astype(q.dtype), preferred_element_type=jnp.float32),
+            jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32),
+        ],
+        axis=-1,
+    )
+    earlier = mask & (jnp.arange(s) < index)  # slots from cache_index on are stale until written below
+    visible = jnp.concatenate([earlier, jax.lax.dynamic_slice_in_dim(mask, index, t, axis=3)], axis=-1)
+    scores = jnp.where(visible, scores / math.sqrt(q.shape[-1]), jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    y = jnp.einsum("bhts,bhsd->bthd", weights[..., :s], cache.value.astype(v.dtype))
+    y += jnp.einsum("bhts,bshd->bthd", weights[..., s:], v)
+    zero = jnp.zeros((), jnp.int32)
+    keys = jnp.transpose(k, (0, 2, 3, 1)).astype(cache.key.dtype)  # [B, H, D, T]
+    values = jnp.transpose(v, (0, 2, 1, 3)).astype(cache.value.dtype)  # [B, H, T, D]
+    return y, KVCache(
+        jax.lax.dynamic_update_slice(cache.key, keys, (zero, zero, zero, index)),
+        jax.lax.dynamic_update_slice(cache.value, values, (zero, zero, index, zero)),
+    )
 
 
 class CausalSelfAttention(nnx.Module):
@@ -110,19 +145,12 @@ class CausalSelfAttention(nnx.Module):
         dropout_key: Array | None = None,
     ) -> tuple[Array, KVCache | None]:
         q, k, v = jnp.unstack(self.c_attn(x), axis=2)  # each [B, T, H, D]
-        if cache is not None:  # decoding: write this chunk into the cache, attend to all of it
-            zero = jnp.zeros((), jnp.int32)
-            index = (zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
-            cache = KVCache(
-                jax.lax.dynamic_update_slice(cache.key, jnp.swapaxes(k, 1, 2).astype(cache.key.dtype), index),
-                jax.lax.dynamic_update_slice(cache.value, jnp.swapaxes(v, 1, 2).astype(cache.value.dtype), index),
-            )
-            k, v = (jnp.swapaxes(c, 1, 2).astype(q.dtype) for c in cache)  # back to [B, S, H, D]
         attn_key, resid_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-        if attn_key is not None and self.dropout > 0:
+        if cache is not None:  # decoding: write this chunk into the cache, attend to all of it
+            assert mask is not None and attn_key is None, "decoding needs a mask and has no dropout"
+            y, cache = _cached_attention(q, k, v, cache, cache_index, mask)
+        elif attn_key is not None and self.dropout > 0:
             y = self._attention_with_dropout(q, k, v, attn_key)
-        elif mask is not None:
-            y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
         else:
             y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
         return _dropout(self.c_proj(y), self.dropout, resid_key), cache
@@ -219,7 +247,7 @@ class GPT(nnx.Module):
         and the head's matmul over every prompt token would cost about a third of the prefill.
         """
         b, t = tokens.shape
-        s = cache[0].key.shape[2]
+        s = cache[0].value.shape[2]
         assert len(cache) == self.config.n_layer and key_mask.shape == (b, s), (len(cache), key_mask.shape)
         query_slot = jnp.asarray(cache_index, jnp.int32) + jnp.arange(t)
         causal = jnp.arange(s)[None, :] <= query_slot[:, None]  # [T, S]
@@ -232,9 +260,11 @@ class GPT(nnx.Module):
         return self._logits(x[:, -1:] if last_only else x), new_cache
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> list[KVCache]:
-        shape = (batch_size, self.config.n_head, max_len, self.config.head_dim)
-        dtype = dtype or self.config.dtype
-        return [KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(self.config.n_layer)]
+        b, h, d, dtype = batch_size, self.config.n_head, self.config.head_dim, dtype or self.config.dtype
+        return [
+            KVCache(jnp.zeros((b, h, d, max_len), dtype), jnp.zeros((b, h, max_len, d), dtype))
+            for _ in range(self.config.n_layer)
+        ]
 
     def _logits(self, x: Array) -> Array:
         x = self.ln_f(x)
