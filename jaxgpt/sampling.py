@@ -33,7 +33,7 @@ MIN_PROMPT_BUCKET = 16  # prompt lengths are padded to a power of two, at least 
 CACHE_MULTIPLE = 64  # the cache length is a multiple of this
 EOT_CHECK_EVERY = 8  # without streaming, look for "every row ended" on the host this often
 # XLA:CPU's default copy insertion keeps a copy of each layer's cache per step, although the step
-# reads a cache before updating it in place (GPT.decode); region analysis sees that none is needed.
+# reads a cache before updating it in place (model._cached_attention); region analysis sees that none is needed.
 CPU_DECODE_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 # How many times each jitted function was traced, i.e. compiled: tests use it to prove there is
 # no recompilation per token or per prompt length within a bucket.
@@ -113,7 +113,7 @@ def _argmax(x: Array) -> Array:
     n = x.shape[-1]
     is_max = x == jnp.max(x, axis=-1, keepdims=True)
     first = jnp.min(jnp.where(is_max, jnp.arange(n, dtype=jnp.int32), n), axis=-1)
-    return jnp.minimum(first, n - 1)  # all-NaN logits: no index equals the max
+    return jnp.minimum(first, n - 1)  # NaN logits: the max is NaN and no index equals it
 
 
 def bucket_prompt_len(n: int) -> int:
