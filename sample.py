@@ -11,24 +11,22 @@ user's to choose.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
 import jax
 
-from jaxgpt.cli import add_dataclass_arguments, build, run
+from jaxgpt.cli import parse, run
 from jaxgpt.errors import UserError
 from jaxgpt.loading import load_model
-from jaxgpt.sample_cli import SampleConfig, read_prompts, sample_prompt
+from jaxgpt.sample_config import SampleConfig
 from jaxgpt.sharding import make_mesh, shard_model
+from jaxgpt.text_sampling import read_prompts, sample_prompt
 from jaxgpt.tokenizer import get_tokenizer
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python sample.py", description=SampleConfig.__doc__)
-    add_dataclass_arguments(parser, SampleConfig)
-    config = build(SampleConfig, parser.parse_args(argv))
+    config = parse(SampleConfig, argv, prog="python sample.py")
     tokenizer = get_tokenizer()
     mesh = make_mesh(config.mesh) if config.mesh else None
     model = load_model(config.init_from, dtype=config.dtype)

@@ -10,12 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from jaxgpt.cli import run
+from jaxgpt.train_config import parse_run_config
+from jaxgpt.trainer import train
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from jaxgpt.train_config import parse_run_config
-    from jaxgpt.trainer import train
-
     train(parse_run_config(argv))
 
 

@@ -12,7 +12,6 @@ pipeline should deliver 10x that.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -26,8 +25,8 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from jaxgpt import cli
-from jaxgpt.cli import option
 from jaxgpt.data.pipeline import DataConfig, make_train_iterator
+from jaxgpt.options import option
 
 SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -74,7 +73,7 @@ def bench_pipeline(config: BenchConfig, data_dir: Path) -> list[list[str]]:
             data_dir=str(data_dir),
             block_size=config.block_size,
             global_batch_size=config.global_batch_size,
-            worker_count=workers,
+            data_workers=workers,
             prefetch=4 * max(1, workers),
         )
         it = make_train_iterator(data, process_index=0, process_count=1)
@@ -87,7 +86,7 @@ def bench_pipeline(config: BenchConfig, data_dir: Path) -> list[list[str]]:
         assert batch["inputs"].shape == (config.global_batch_size, config.block_size)
         tokens = config.batches * config.global_batch_size * config.block_size
         shape = f"{config.global_batch_size} x {config.block_size}, {config.batches} batches"
-        rows.append([f"pipeline, worker_count {workers}", shape, f"{seconds:.2f} s"])
+        rows.append([f"pipeline, data_workers {workers}", shape, f"{seconds:.2f} s"])
         rows[-1] += [f"{config.batches / seconds:,.0f} batches/s", f"{tokens / seconds / 1e6:.1f}M tok/s"]
         it.close()
     return rows
@@ -102,9 +101,7 @@ def print_table(rows: list[list[str]]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    cli.add_dataclass_arguments(parser, BenchConfig)
-    config = cli.build(BenchConfig, parser.parse_args(argv))
+    config = cli.parse(BenchConfig, argv, prog="python -m bench.bench_data")
     print(f"CPU cores: {os.cpu_count()}, load average: {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
         rows, data_dir = bench_prepare(config, Path(tmp))

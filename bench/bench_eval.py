@@ -1,14 +1,13 @@
 """HellaSwag throughput: items per second for GPT-2 124M (random weights) on synthetic items.
 
 Items mimic HellaSwag's lengths: contexts of 40-60 tokens, endings of 20-30, so every
-batch pads to the 128-token bucket. The first batch (compilation) is timed apart.
+batch pads to the 64- or 96-token bucket. The first batch (compilation) is timed apart.
 
     python -m bench.bench_eval --items 64 --batch_size 8    # from the repo root
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import time
@@ -17,10 +16,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxgpt.cli import add_dataclass_arguments, build, option, run
+from jaxgpt.cli import parse, run
 from jaxgpt.config import DType, preset
 from jaxgpt.eval.hellaswag import HellaSwagItem, render, score_endings
 from jaxgpt.model import GPT
+from jaxgpt.options import option
 from jaxgpt.sharding import make_mesh, shard_model
 
 # Common words that GPT-2's tokenizer keeps whole (with their leading space): one token each.
@@ -56,9 +56,7 @@ def synthetic_items(n: int, seed: int) -> list[HellaSwagItem]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=BenchConfig.__doc__)
-    add_dataclass_arguments(parser, BenchConfig)
-    args = build(BenchConfig, parser.parse_args(argv))
+    args = parse(BenchConfig, argv, prog="python -m bench.bench_eval")
     mesh = make_mesh(args.mesh)
     model = shard_model(GPT(preset("gpt2", dtype=args.dtype), nnx.Rngs(args.seed)), mesh)
     items = synthetic_items(args.items + args.batch_size, args.seed)

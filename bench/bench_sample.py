@@ -10,7 +10,6 @@ included) for both; jaxgpt's compilation is a separate warm-up run and is report
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import tempfile
@@ -21,11 +20,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxgpt.cli import add_dataclass_arguments, build, option, run
+from jaxgpt.cli import parse, run
 from jaxgpt.config import DType, preset
 from jaxgpt.convert import save_hf_gpt2
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
+from jaxgpt.options import option
 from jaxgpt.sampling import generate
 
 
@@ -71,9 +71,7 @@ def timed(run_once: Callable[[], np.ndarray]) -> tuple[float, np.ndarray]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=BenchConfig.__doc__)
-    add_dataclass_arguments(parser, BenchConfig)
-    args = build(BenchConfig, parser.parse_args(argv))
+    args = parse(BenchConfig, argv, prog="python -m bench.bench_sample")
     try:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError as err:

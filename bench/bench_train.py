@@ -22,9 +22,10 @@ from flax import nnx
 
 from jaxgpt import metrics as metrics_lib
 from jaxgpt.data.shards import shard_name, write_shard
+from jaxgpt.losses import cross_entropy
 from jaxgpt.model import GPT
+from jaxgpt.optim import learning_rate_schedule, make_optimizer
 from jaxgpt.train_config import parse_run_config
-from jaxgpt.train_step import make_nnx_train_step
 from jaxgpt.trainer import next_batch, setup
 
 
@@ -57,8 +58,8 @@ def main() -> None:
         sys.exit(0)
     with tempfile.TemporaryDirectory() as tmp:
         config = parse_run_config([*rest, "--data_dir", f"{tmp}/data", "--out_dir", f"{tmp}/out"])
-        tokens_per_step = config.train.tokens_per_step(config.model.block_size)
-        write_random_data(Path(tmp) / "data", max(4 * tokens_per_step, 1_000_000), config.model.vocab_size)
+        tokens_per_step = config.train_config.tokens_per_step(config.model_config.block_size)
+        write_random_data(Path(tmp) / "data", max(4 * tokens_per_step, 1_000_000), config.model_config.vocab_size)
         run = setup(config)
         batch = next_batch(run)
 
@@ -71,9 +72,9 @@ def main() -> None:
             rows.append(("nnx.jit + nnx.Optimizer", time_nnx_step(run, batch, bench_args.steps)))
         run.checkpointer.close()
 
-    peak = metrics_lib.peak_flops_per_device(config.train.peak_flops)
+    peak = metrics_lib.peak_flops_per_device(config.train_config.peak_flops)
     devices = run.mesh.devices.size
-    model = config.model
+    model = config.model_config
     print(
         f"\n{jax.devices()[0].device_kind} x{devices} | mesh {dict(run.mesh.shape)} | {model.n_layer}L "
         f"{model.n_embd}d {model.block_size}T {model.dtype} | {tokens_per_step:,} tokens/step | "
@@ -87,15 +88,21 @@ def main() -> None:
         print(f"| {name} | {1000 * seconds:.1f} | {tps:,.0f} | {tps / devices:,.0f} | {mfu_text} |")
 
 
+@nnx.jit(donate_argnums=(0, 1))
+def nnx_train_step(model: GPT, optimizer: nnx.Optimizer, inputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """The update through ``nnx.Optimizer`` and ``nnx.jit``: the object graph is walked in Python every call."""
+    loss, grads = nnx.value_and_grad(lambda m: cross_entropy(m(inputs), targets))(model)
+    optimizer.update(model, grads)
+    return loss
+
+
 def time_nnx_step(run, batch, steps: int) -> float:
     """The same AdamW update through nnx.Optimizer and nnx.jit (grad_accum folded into the batch)."""
-    from jaxgpt.optim import learning_rate_schedule, make_optimizer
-
-    cfg = run.train
+    cfg = run.config
     optimizer_tx = make_optimizer(learning_rate_schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.decay_steps))
-    model = GPT(run.model, nnx.Rngs(0))
+    model = GPT(run.model_config, nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optimizer_tx, wrt=nnx.Param)
-    step = make_nnx_train_step(run.codec, optimizer_tx)
+    step = nnx_train_step
     inputs = batch["inputs"].reshape(-1, batch["inputs"].shape[-1])
     targets = batch["targets"].reshape(-1, batch["targets"].shape[-1])
     return time_steps(lambda: step(model, optimizer, inputs, targets), steps)

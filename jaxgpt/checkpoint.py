@@ -1,22 +1,16 @@
 """Orbax checkpoints that resume exactly: parameters, optimizer state, step, RNG and data position.
 
-Layout of a run's ``out_dir``::
-
-    jaxgpt.json            the run description (model and train configs), written first
-    checkpoints/<step>/    one Orbax step: items params, train, data, meta
-    metrics.jsonl          one JSON object per logged step
-
-Orbax writes each step into a temporary directory and renames it when complete,
-so a process killed mid-save leaves no step that looks whole; ``latest_step``
-only sees finished ones. Restores are checked against the config first (every
-parameter's shape), because Orbax would otherwise restore a differently sized
-model partially and silently, and they target explicit shardings so a large
-model lands sharded, never whole on one device.
+A run's checkpoints live in ``out_dir/checkpoints/<step>/``, one Orbax step each with the items
+params, train, data and meta (the rest of ``out_dir`` is ``jaxgpt.run_dir``'s). Orbax writes
+each step into a temporary directory and renames it when complete, so a process killed
+mid-save leaves no step that looks whole; ``latest_step`` only sees finished ones.
+Restores are checked against the config first (every parameter's shape), because
+Orbax would otherwise restore a differently sized model partially and silently, and
+they target explicit shardings so a large model lands sharded, never whole on one device.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -30,26 +24,11 @@ from jaxgpt.config import GPTConfig
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
 from jaxgpt.params import ParamCodec, Params
+from jaxgpt.run_dir import read_run_file, write_run_file
 from jaxgpt.sharding import make_mesh
-from jaxgpt.train_step import TrainState
+from jaxgpt.train_state import TrainState
 
-RUN_FILE = "jaxgpt.json"
 CHECKPOINT_DIR = "checkpoints"
-
-
-def write_run_file(out_dir: str | os.PathLike, model: GPTConfig, train: dict[str, Any] | None = None) -> None:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps({"format": 1, "model": model.to_dict(), "train": train or {}}, indent=2))
-    os.replace(tmp, out / RUN_FILE)
-
-
-def read_run_file(out_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(out_dir) / RUN_FILE
-    if not path.is_file():
-        raise UserError(f"{out_dir} is not a jaxgpt run directory (no {RUN_FILE})")
-    return json.loads(path.read_text())
 
 
 def _preservation(keep_last: int):
@@ -143,9 +122,6 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
         return restored["params"]
 
-    def read_meta(self, step: int) -> dict[str, Any]:
-        return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-
     def wait(self) -> None:
         """Blocks until the last asynchronous save is on disk; call before exiting."""
         self.manager.wait_until_finished()
@@ -211,12 +187,13 @@ def load_model_from_checkpoint(
     step = checkpointer.latest_step() if step is None else step
     if step is None:
         raise UserError(f"{out_dir} holds no complete checkpoint yet")
-    codec = ParamCodec(config.replace(param_dtype=stored.param_dtype))
+    stored_codec = ParamCodec(config.replace(param_dtype=stored.param_dtype))  # restore as saved, then cast
     mesh = mesh or make_mesh("1x1", jax.devices()[:1])
-    shardings = codec.shardings(mesh)
-    abstract = {n: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings[n]) for n, a in codec.abstract.items()}
+    shardings = stored_codec.shardings(mesh)
+    abstract = {
+        n: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings[n]) for n, a in stored_codec.abstract.items()
+    }
     params = checkpointer.restore_params(step, abstract)
     checkpointer.close()
-    if config.param_dtype != stored.param_dtype:
-        params = {k: v.astype(config.param_dtype) for k, v in params.items()}
-    return ParamCodec(config).to_model(params)
+    codec = ParamCodec(config)
+    return codec.to_model(codec.cast(params))

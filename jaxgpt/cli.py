@@ -1,9 +1,10 @@
 """The one command-line layer: typed dataclasses in, argparse flags out.
 
 Every dataclass field becomes ``--name`` with its type, default and the one-line
-help kept in the field's metadata (see :func:`option`). Entry points run through
-:func:`run`, which turns a :class:`~jaxgpt.errors.UserError` into one line on
-stderr and exit code 2.
+help kept in the field's metadata (see :func:`jaxgpt.options.option`). Entry points
+parse with :func:`parse` and run through :func:`run`, which turns a
+:class:`~jaxgpt.errors.UserError` (a mistyped flag included) into one line on stderr
+and exit code 2.
 """
 
 from __future__ import annotations
@@ -19,11 +20,6 @@ from typing import Any, Literal, TypeVar
 from jaxgpt.errors import UserError
 
 T = TypeVar("T")
-
-
-def option(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with its command-line help."""
-    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
 
 
 def parse_bool(text: str) -> bool:
@@ -85,9 +81,24 @@ def build(cls: type[T], namespace: argparse.Namespace, base: T | None = None) ->
     return dataclasses.replace(base, **given)
 
 
-def given_flags(namespace: argparse.Namespace) -> set[str]:
-    """The names of the flags the user actually typed (defaults are suppressed)."""
-    return set(vars(namespace))
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage mistakes are a UserError: one line and a pointer to --help, not a usage block."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def parser_for(prog: str, description: str | None, *configs: tuple[type, Any]) -> ArgumentParser:
+    """A parser with one flag group per ``(dataclass, defaults)``; ``defaults`` None means the field defaults."""
+    parser = ArgumentParser(prog=prog, description=description)
+    for cls, defaults in configs:
+        add_dataclass_arguments(parser, cls, defaults)
+    return parser
+
+
+def parse(cls: type[T], argv: Sequence[str] | None, prog: str) -> T:
+    """The entry point's config from the command line: ``cls``'s docstring is the description."""
+    return build(cls, parser_for(prog, cls.__doc__, (cls, None)).parse_args(argv))
 
 
 def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from jaxgpt.cli import option
 from jaxgpt.errors import UserError
+from jaxgpt.options import option
 
 DType = Literal["float32", "bfloat16", "float16"]
 AttentionImpl = Literal["xla", "cudnn", "auto"]

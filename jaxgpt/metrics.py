@@ -1,11 +1,6 @@
-"""Throughput accounting (FLOPs per token, MFU) and the metrics file a user can plot."""
+"""Throughput accounting: FLOPs per token, device peaks and MFU."""
 
 from __future__ import annotations
-
-import json
-import os
-from pathlib import Path
-from typing import Any
 
 import jax
 
@@ -58,26 +53,3 @@ def mfu(tokens_per_s: float, flops_token: float, peak_per_device: float | None, 
     if not peak_per_device:
         return None
     return tokens_per_s * flops_token / (peak_per_device * n_devices)
-
-
-class MetricsWriter:
-    """Appends one JSON object per line to ``out_dir/metrics.jsonl`` (only on process 0)."""
-
-    def __init__(self, out_dir: str | os.PathLike, enabled: bool = True):
-        self.path = Path(out_dir) / "metrics.jsonl"
-        self.enabled = enabled
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        clean = {k: (float(v) if hasattr(v, "item") else v) for k, v in record.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(clean) + "\n")
-
-    def truncate_after(self, step: int) -> None:
-        """On resume, drops lines logged after the checkpoint so the file reads as one clean run."""
-        if not self.enabled or not self.path.is_file():
-            return
-        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))

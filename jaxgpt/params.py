@@ -8,9 +8,8 @@ back into a :class:`~jaxgpt.model.GPT` (also inside ``jax.jit``).
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
@@ -47,6 +46,15 @@ class ParamCodec:
         assert len(leaves) == len(self.names), (len(leaves), len(self.names))
         return dict(zip(self.names, leaves, strict=True))
 
+    def to_host(self, model: GPT) -> dict[str, np.ndarray]:
+        """The parameters as numpy arrays in host memory (to convert, export or re-place them)."""
+        return {name: np.asarray(value) for name, value in self.to_flat(model).items()}
+
+    def cast(self, params: dict[str, np.ndarray | jax.Array]) -> Params:
+        """``params`` in this config's param_dtype, as the model would hold them."""
+        assert set(params) == set(self.names), set(params) ^ set(self.names)
+        return {name: jax.numpy.asarray(params[name], self.abstract[name].dtype) for name in self.names}
+
     def to_model(self, params: Params) -> GPT:
         missing = set(self.names) - params.keys()
         assert not missing, f"missing parameters: {sorted(missing)[:5]}"
@@ -65,7 +73,3 @@ class ParamCodec:
             return self.to_flat(GPT(self.config, nnx.Rngs(params=key)))
 
         return jax.jit(init_fn, out_shardings=shardings)(jax.random.key(seed))
-
-
-def tree_bytes(tree: Any) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))

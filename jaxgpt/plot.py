@@ -5,24 +5,17 @@ Usage: ``python -m jaxgpt.plot out/shakespeare`` writes out/shakespeare/curves.p
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from jaxgpt.cli import run
-from jaxgpt.errors import UserError
+from jaxgpt.cli import ArgumentParser, run
+from jaxgpt.run_dir import read_metrics
 
 
-def read_series(metrics_path: Path) -> dict[str, tuple[list[int], list[float]]]:
+def read_series(out_dir: str | Path) -> dict[str, tuple[list[int], list[float]]]:
     """``{key: (steps, values)}`` for loss, val_loss, lr and acc_norm, skipping records without the key."""
-    if not metrics_path.is_file():
-        raise UserError(f"{metrics_path} not found; train first (python train.py --out_dir ...)")
     series: dict[str, tuple[list[int], list[float]]] = {}
-    for line in metrics_path.read_text().splitlines():
-        if not line.strip():
-            continue
-        record = json.loads(line)
+    for record in read_metrics(out_dir):
         for key in ("loss", "val_loss", "lr", "acc_norm"):
             if record.get(key) is not None:
                 steps, values = series.setdefault(key, ([], []))
@@ -38,7 +31,7 @@ def plot(out_dir: str | Path, output: str | Path | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
-    series = read_series(out_dir / "metrics.jsonl")
+    series = read_series(out_dir)
     panels = 3 if "acc_norm" in series else 2
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
     for key, label in (("loss", "train"), ("val_loss", "val")):
@@ -60,7 +53,7 @@ def plot(out_dir: str | Path, output: str | Path | None = None) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jaxgpt.plot", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m jaxgpt.plot", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="a training out_dir holding metrics.jsonl")
     parser.add_argument("--output", default=None, help="PNG path (default: OUT_DIR/curves.png)")
     args = parser.parse_args(argv)

@@ -3,7 +3,7 @@
 Prompts of different lengths share a batch by LEFT-padding them to a bucketed length P, so every
 prompt ends at cache slot P-1 and all rows write their next token into the same slot. Each row's
 position ids count from its first real token, and ``key_mask`` hides the padding slots (see
-``GPT.decode``). P is rounded up to a power of two and the cache length to a multiple of 64, so a
+``jaxgpt.decoding.decode``). P is rounded up to a power of two and the cache length to a multiple of 64, so a
 new prompt length recompiles only when it crosses a bucket, and decoding never does: the slot is
 a traced argument. The token loop runs in Python, so tokens can be streamed; each step is one
 jitted call that donates the cache (updated in place) and the host reads tokens one step behind
@@ -12,7 +12,6 @@ the device, so it never stalls the next step.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Sequence
@@ -21,11 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
+from jaxgpt.decoding import decode, init_cache
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
-from jaxgpt.sharding import DATA, MODEL, batch_sharding
+from jaxgpt.sharding import batch_sharding, data_axis_size, kv_cache_sharding
 from jaxgpt.tokenizer import EOT_ID
 
 Array = jax.Array
@@ -33,15 +33,12 @@ MIN_PROMPT_BUCKET = 16  # prompt lengths are padded to a power of two, at least 
 CACHE_MULTIPLE = 64  # the cache length is a multiple of this
 EOT_CHECK_EVERY = 8  # without streaming, look for "every row ended" on the host this often
 # XLA:CPU's default copy insertion keeps a copy of each layer's cache per step, although the step
-# reads a cache before updating it in place (model._cached_attention); region analysis sees that none is needed.
+# reads a cache before updating it in place (decoding.cached_attention); region analysis sees that none is needed.
 CPU_DECODE_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
-# How many times each jitted function was traced, i.e. compiled: tests use it to prove there is
-# no recompilation per token or per prompt length within a bucket.
-TRACES: collections.Counter[str] = collections.Counter()
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingParams:
+class SamplingRule:
     """How the next token is chosen; temperature 0 is greedy (top_k and top_p then do nothing).
 
     Compiled in as constants: each new combination compiles the prefill and decode step once.
@@ -138,25 +135,23 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, cache_len: int) -> t
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(graphdef: nnx.GraphDef, treedef: jax.tree_util.PyTreeDef, params: SamplingParams):
+def _compiled(graphdef: nnx.GraphDef, treedef: jax.tree_util.PyTreeDef, rule: SamplingRule):
     """The jitted prefill and decode step of one model structure and sampling rule.
 
     They take the parameters as a flat list: hashing a graphdef or flattening an ``nnx.State`` on
     every token would cost more than a small model's decode step.
     """
-    sample = functools.partial(sample_token, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+    sample = functools.partial(sample_token, temperature=rule.temperature, top_k=rule.top_k, top_p=rule.top_p)
 
     def prefill(leaves, cache, tokens, positions, key_mask, key):
-        TRACES["prefill"] += 1
         model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-        logits, cache = model.decode(tokens, cache, 0, positions, key_mask, last_only=True)
+        logits, cache = decode(model, tokens, cache, 0, positions, key_mask, last_only=True)
         last = tokens.shape[1] - 1  # every prompt ends at this slot
         return sample(logits[:, -1], jax.random.fold_in(key, last)), positions[:, -1] + 1, cache
 
     def step(leaves, cache, token, slot, positions, key_mask, key):
-        TRACES["step"] += 1
         model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-        logits, cache = model.decode(token[:, None], cache, slot, positions[:, None], key_mask)
+        logits, cache = decode(model, token[:, None], cache, slot, positions[:, None], key_mask)
         return sample(logits[:, 0], jax.random.fold_in(key, slot)), positions + 1, cache
 
     options = CPU_DECODE_OPTIONS if jax.default_backend() == "cpu" else None
@@ -167,22 +162,19 @@ def _compiled(graphdef: nnx.GraphDef, treedef: jax.tree_util.PyTreeDef, params: 
 
 
 def _token_steps(
-    model: GPT, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, key: Array, mesh: Mesh | None
+    model: GPT, prompts: list[list[int]], max_new_tokens: int, rule: SamplingRule, key: Array, mesh: Mesh | None
 ) -> Iterator[Array]:
     """Yields each step's new tokens [B] as device arrays, dispatched but not waited for."""
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
-    prefill, step = _compiled(graphdef, treedef, params)
+    prefill, step = _compiled(graphdef, treedef, rule)
     prompt_len = bucket_prompt_len(max(len(p) for p in prompts))
     cache_len = bucket_cache_len(prompt_len + max_new_tokens - 1)
     tokens, positions, key_mask = left_pad(prompts, prompt_len, cache_len)
-    rows, cache_sharding = None, None
-    if mesh is not None:  # batch over `data`, cache heads over `model` like the attention weights
-        rows = batch_sharding(mesh)
-        heads = MODEL if model.config.n_head % mesh.shape[MODEL] == 0 else None
-        cache_sharding = NamedSharding(mesh, PartitionSpec(DATA, heads, None, None))
+    rows = None if mesh is None else batch_sharding(mesh)
+    cache_sharding = None if mesh is None else kv_cache_sharding(mesh, model.config.n_head)
     tokens, positions, key_mask = (jax.device_put(x, rows) for x in (tokens, positions, key_mask))
-    shapes = jax.eval_shape(lambda: model.init_cache(len(prompts), cache_len))
+    shapes = jax.eval_shape(lambda: init_cache(model.config, len(prompts), cache_len))
     cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=cache_sharding), shapes)
 
     token, positions, cache = prefill(leaves, cache, tokens, positions, key_mask, key)
@@ -214,12 +206,12 @@ def generate(
     ``jax.random.key(0)``) makes sampling reproducible. With a ``mesh`` (a model already placed by
     ``jaxgpt.sharding.shard_model``) the batch is split over ``data``, padded with dummy rows to fit.
     """
-    params = SamplingParams(temperature, top_k, top_p)
-    params = SamplingParams(0.0) if temperature == 0 else params  # greedy ignores top_k/top_p: one compilation
+    rule = SamplingRule(temperature, top_k, top_p)
+    rule = SamplingRule(0.0) if temperature == 0 else rule  # greedy ignores top_k/top_p: one compilation
     prompts = check_prompts(model, prompts, max_new_tokens, eot_id)
     batch = len(prompts)
-    if mesh is not None and len(prompts) % mesh.shape[DATA]:
-        prompts += [prompts[-1]] * (mesh.shape[DATA] - len(prompts) % mesh.shape[DATA])
+    if mesh is not None and len(prompts) % data_axis_size(mesh):
+        prompts += [prompts[-1]] * (data_axis_size(mesh) - len(prompts) % data_axis_size(mesh))
     key = jax.random.key(0) if key is None else key
     read_every = 1 if on_token is not None else EOT_CHECK_EVERY if stop_at_eot else max_new_tokens
     out: list[list[int]] = [[] for _ in range(batch)]
@@ -235,7 +227,7 @@ def generate(
                     on_token(int(row), int(new[row]))
             ended[:] |= stop_at_eot & (new == eot_id)
 
-    for i, token in enumerate(_token_steps(model, prompts, max_new_tokens, params, key, mesh)):
+    for i, token in enumerate(_token_steps(model, prompts, max_new_tokens, rule, key, mesh)):
         pending.append(token)
         if (i + 1) % read_every == 0 and len(pending) > 1:  # all but the newest: it is still running
             read(pending[:-1])

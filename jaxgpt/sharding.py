@@ -112,12 +112,33 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA, None))
 
 
+def accumulated_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Micro-batches stacked in front, [grad_accum, B, T]: each split over ``data``."""
+    return NamedSharding(mesh, PartitionSpec(None, DATA, None))
+
+
+def kv_cache_sharding(mesh: Mesh, n_head: int) -> NamedSharding:
+    """A layer's KV cache [B, H, ., .]: batch over ``data``, heads over ``model`` like the attention weights."""
+    heads = MODEL if n_head % mesh.shape[MODEL] == 0 else None
+    return NamedSharding(mesh, PartitionSpec(DATA, heads, None, None))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def data_axis_size(mesh: Mesh) -> int:
+    """How many ways a batch is split."""
+    return mesh.shape[DATA]
+
+
+def describe(mesh: Mesh) -> str:
+    """``DxM`` as --mesh takes it."""
+    return f"{mesh.shape[DATA]}x{mesh.shape[MODEL]}"
+
+
 def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = "batch size") -> None:
-    data = mesh.shape[DATA]
+    data = data_axis_size(mesh)
     if batch_size % data:
         raise UserError(
             f"{what} {batch_size} is not divisible by the mesh's data axis ({data}); "

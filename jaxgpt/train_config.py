@@ -6,14 +6,14 @@ any field of either can then be overridden by its flag (``--lr 3e-4 --n_layer 4`
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from jaxgpt.cli import add_dataclass_arguments, build, option
+from jaxgpt.cli import build, parser_for
 from jaxgpt.config import GPTConfig, preset
 from jaxgpt.errors import UserError
+from jaxgpt.options import option
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +51,7 @@ class TrainConfig:
     hellaswag_path: str | None = option(None, "local hellaswag_val.jsonl (default: download when online)")
     hellaswag_items: int | None = option(None, "score only the first N HellaSwag items (default: all 10,042)")
     seed: int = option(1337, "seed for initialisation, data order and dropout")
-    data_workers: int = option(0, "Grain worker processes reading batches (0: read in the main process)")
+    data_workers: int = option(0, "threads reading batches ahead (0: read each batch when it is asked for)")
     peak_flops: float | None = option(None, "peak FLOP/s per device for MFU (default: looked up by device kind)")
 
     def __post_init__(self) -> None:
@@ -153,32 +153,28 @@ SHAPE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_embd")
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    train: TrainConfig
-    model: GPTConfig
+    """What ``train.py`` was asked for: the run's settings, the model's, and which model flags were typed."""
+
+    train_config: TrainConfig
+    model_config: GPTConfig
     model_flags: frozenset[str]  # GPTConfig fields the user set on the command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python train.py",
-        description="Train or fine-tune a GPT on a device mesh. Defaults shown are the 'shakespeare' preset's; "
-        f"--preset picks another set ({', '.join(RUN_PRESETS)}).",
+def parse_run_config(argv: Sequence[str] | None = None) -> RunConfig:
+    description = (
+        "Train or fine-tune a GPT on a device mesh. Defaults shown are the 'shakespeare' preset's; "
+        f"--preset picks another set ({', '.join(RUN_PRESETS)})."
     )
     train_defaults, model_defaults = RUN_PRESETS["shakespeare"]
-    add_dataclass_arguments(parser, TrainConfig, train_defaults)
-    add_dataclass_arguments(parser, GPTConfig, model_defaults)
-    return parser
-
-
-def parse_run_config(argv: Sequence[str] | None = None) -> RunConfig:
-    namespace = build_parser().parse_args(argv)
+    parser = parser_for("python train.py", description, (TrainConfig, train_defaults), (GPTConfig, model_defaults))
+    namespace = parser.parse_args(argv)
     name = getattr(namespace, "preset", "shakespeare")
     if name not in RUN_PRESETS:
         raise UserError(f"unknown --preset {name!r}; choose one of {', '.join(RUN_PRESETS)}")
     train_base, model_base = RUN_PRESETS[name]
     model_fields = {f.name for f in dataclasses.fields(GPTConfig)}
     return RunConfig(
-        train=build(TrainConfig, namespace, train_base),
-        model=build(GPTConfig, namespace, model_base),
+        train_config=build(TrainConfig, namespace, train_base),
+        model_config=build(GPTConfig, namespace, model_base),
         model_flags=frozenset(k for k in vars(namespace) if k in model_fields),
     )

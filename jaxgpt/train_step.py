@@ -4,43 +4,24 @@ The hot step is one ``jax.jit`` over plain pytrees (a flat parameter dict and th
 optax state) with explicit input/output shardings and the state donated; the
 model is merged from the parameters inside the trace. Flax's performance guide
 recommends this over ``nnx.jit``, which walks the object graph in Python on every
-call; ``make_nnx_train_step`` keeps the ``nnx.jit`` variant for the benchmark.
+call (``bench/bench_train.py`` measures the difference).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from jaxgpt.losses import cross_entropy
 from jaxgpt.params import ParamCodec, Params
-from jaxgpt.sharding import DATA, replicated
+from jaxgpt.sharding import accumulated_batch_sharding, replicated
+from jaxgpt.train_state import TrainState
 
 Batch = dict[str, jax.Array]  # "inputs", "targets": int32 [grad_accum, batch, block_size]
-
-
-class TrainState(NamedTuple):
-    step: jax.Array  # int32 scalar: optimizer steps taken
-    params: Params
-    opt_state: optax.OptState
-    first_bad_step: jax.Array  # int32 scalar: the first step with a non-finite loss or gradient, -1 if none
-    rng: jax.Array  # uint32 key data: dropout keys are folded from it with the step
-
-
-def init_train_state(params: Params, tx: optax.GradientTransformation, seed: int) -> TrainState:
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=tx.init(params),
-        first_bad_step=jnp.full((), -1, jnp.int32),
-        rng=jax.random.key_data(jax.random.key(seed)),
-    )
 
 
 def train_state_shardings(codec: ParamCodec, tx: optax.GradientTransformation, mesh: Mesh, fsdp: bool) -> TrainState:
@@ -52,11 +33,6 @@ def train_state_shardings(codec: ParamCodec, tx: optax.GradientTransformation, m
     )
     scalar = replicated(mesh)
     return TrainState(scalar, param_shardings, opt_shardings, scalar, scalar)
-
-
-def accumulated_batch_sharding(mesh: Mesh) -> NamedSharding:
-    """[grad_accum, batch, T]: micro-batches stacked in front, each split over ``data``."""
-    return NamedSharding(mesh, PartitionSpec(None, DATA, None))
 
 
 def loss_fn(codec: ParamCodec, params: Params, inputs: jax.Array, targets: jax.Array, key: jax.Array | None):
@@ -111,18 +87,3 @@ def jit_train_step(step_fn: Callable, state_shardings: TrainState, mesh: Mesh) -
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=(0,),
     )
-
-
-def make_nnx_train_step(codec: ParamCodec, tx: optax.GradientTransformation):
-    """The same update through ``nnx.Optimizer`` and ``nnx.jit``, for the step-overhead benchmark only."""
-
-    @nnx.jit(donate_argnums=(0, 1))
-    def step(model, optimizer, inputs, targets):
-        def loss(m):
-            return cross_entropy(m(inputs), targets)
-
-        value, grads = nnx.value_and_grad(loss)(model)
-        optimizer.update(model, grads)
-        return value
-
-    return step

@@ -1,4 +1,5 @@
-"""The training loop: set up mesh, model, optimizer and data; step, log, evaluate, checkpoint.
+"""The training loop: set up mesh, model, optimizer and data; then step, and every so often log,
+evaluate, sample, score HellaSwag and checkpoint.
 
 Everything a step needs is built once in :func:`setup`; :func:`train` is the loop.
 A run is resumable at any checkpoint: the step, parameters, optimizer moments,
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -18,25 +20,24 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jaxgpt import metrics as metrics_lib
-from jaxgpt.checkpoint import Checkpointer, read_run_file, write_run_file
+from jaxgpt import metrics
+from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import GPTConfig
 from jaxgpt.data.pipeline import DataConfig, iterator_state, make_train_iterator, restore_iterator
 from jaxgpt.errors import UserError
+from jaxgpt.eval.hellaswag import HellaSwagItem, evaluate_hellaswag, load_hellaswag
+from jaxgpt.eval.loss import evaluate_loss
 from jaxgpt.loading import load_model
 from jaxgpt.model import GPT, non_embedding_params
 from jaxgpt.optim import learning_rate_schedule, make_optimizer
 from jaxgpt.params import ParamCodec
-from jaxgpt.sharding import check_batch_divisible, make_mesh
+from jaxgpt.run_dir import MetricsWriter, read_run_file, write_run_file
+from jaxgpt.sampling import generate
+from jaxgpt.sharding import accumulated_batch_sharding, check_batch_divisible, make_mesh
+from jaxgpt.tokenizer import EOT_ID, get_tokenizer
 from jaxgpt.train_config import SHAPE_FIELDS, RunConfig, TrainConfig
-from jaxgpt.train_step import (
-    TrainState,
-    accumulated_batch_sharding,
-    init_train_state,
-    jit_train_step,
-    make_train_step,
-    train_state_shardings,
-)
+from jaxgpt.train_state import TrainState, init_train_state
+from jaxgpt.train_step import jit_train_step, make_train_step, train_state_shardings
 
 
 class NonFiniteError(UserError):
@@ -47,12 +48,12 @@ class NonFiniteError(UserError):
 class Run:
     """Everything the loop needs, built once."""
 
-    train: TrainConfig
-    model: GPTConfig
+    config: TrainConfig
+    model_config: GPTConfig
     mesh: Mesh
     codec: ParamCodec
     state: TrainState
-    step_fn: Any
+    step_fn: Callable
     data: DataConfig
     data_iter: Any
     checkpointer: Checkpointer
@@ -60,67 +61,34 @@ class Run:
     resumed_from: int | None
 
 
-def _pretrained(run: RunConfig) -> tuple[GPTConfig, dict[str, np.ndarray]]:
-    """Weights to fine-tune from: the checkpoint fixes the shapes, the command line the rest."""
-    keep = ("dropout", "dtype", "pad_vocab_multiple", "attention", "remat", "param_dtype")
-    pretrained = load_model(run.train.init_from, **{k: getattr(run.model, k) for k in keep})
-    config = pretrained.config
-    params = {k: np.asarray(v) for k, v in ParamCodec(config).to_flat(pretrained).items()}
-    block_size = run.model.block_size if "block_size" in run.model_flags else config.block_size
-    if block_size > config.block_size:
-        raise UserError(f"--block_size {block_size} exceeds the pretrained model's context ({config.block_size})")
-    if block_size < config.block_size:  # nanoGPT's crop_block_size: keep the first positions
-        params["wpe.embedding"] = params["wpe.embedding"][:block_size]
-        config = config.replace(block_size=block_size)
-    return config, params
-
-
-def _resumed_config(run: RunConfig) -> GPTConfig:
-    """The run's stored model config; shape flags that contradict it are an error, others apply."""
-    stored = GPTConfig.from_dict(read_run_file(run.train.out_dir)["model"])
-    shape = (*SHAPE_FIELDS, "block_size", "pad_vocab_multiple")
-    changed = [f for f in shape if f in run.model_flags and getattr(run.model, f) != getattr(stored, f)]
-    if changed:
-        stored_values = ", ".join(f"{f}={getattr(stored, f)}" for f in changed)
-        raise UserError(
-            f"{run.train.out_dir} holds a checkpoint of a model with {stored_values}; "
-            "drop those flags to resume, or pick a new --out_dir"
-        )
-    return stored.replace(**{k: getattr(run.model, k) for k in run.model_flags if k not in shape})
-
-
-def setup(run: RunConfig, devices: list | None = None) -> Run:
+def setup(run_config: RunConfig, devices: list | None = None) -> Run:
     """Builds the run; ``devices`` (default: all) is what ``--mesh`` must cover exactly."""
-    cfg = run.train
+    cfg = run_config.train_config
     if cfg.distributed:  # every host runs the same command; JAX finds its peers from the cluster's environment
         jax.distributed.initialize()
     mesh = make_mesh(cfg.mesh, devices)
     check_batch_divisible(cfg.batch_size, mesh, "--batch_size")
     checkpointer = Checkpointer(cfg.out_dir, keep_last=cfg.keep_checkpoints)
     try:
-        return _build(run, cfg, mesh, checkpointer)
+        return _build(run_config, mesh, checkpointer)
     except BaseException:
         checkpointer.close()  # a failed setup must not leave Orbax's background threads behind
         raise
 
 
-def _build(run: RunConfig, cfg: TrainConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run:
+def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run:
+    """Model config first (stored, pretrained or asked for), then data, optimizer and the state to start from."""
+    cfg = run_config.train_config
     latest = checkpointer.latest_step()
-    model_config, pretrained = run.model, None
+    model_config, pretrained = run_config.model_config, None
     if latest is not None:
-        model_config = _resumed_config(run)
+        model_config = _resumed_config(run_config)
     elif cfg.init_from != "scratch":
-        model_config, pretrained = _pretrained(run)
+        model_config, pretrained = _pretrained(run_config)
     elif cfg.resume:
         print(f"--resume: no checkpoint in {cfg.out_dir} yet, starting from scratch")
 
-    data = DataConfig(
-        data_dir=cfg.data_dir,
-        block_size=model_config.block_size,
-        global_batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        worker_count=cfg.data_workers,
-    )
+    data = DataConfig(cfg.data_dir, model_config.block_size, cfg.batch_size, cfg.seed, cfg.data_workers)
     codec = ParamCodec(model_config)
     schedule = learning_rate_schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.decay_steps)
     tx = make_optimizer(
@@ -142,8 +110,8 @@ def _build(run: RunConfig, cfg: TrainConfig, mesh: Mesh, checkpointer: Checkpoin
 
     abstract_model = nnx.eval_shape(lambda: GPT(model_config, nnx.Rngs(0)))
     return Run(
-        train=cfg,
-        model=model_config,
+        config=cfg,
+        model_config=model_config,
         mesh=mesh,
         codec=codec,
         state=state,
@@ -151,14 +119,45 @@ def _build(run: RunConfig, cfg: TrainConfig, mesh: Mesh, checkpointer: Checkpoin
         data=data,
         data_iter=data_iter,
         checkpointer=checkpointer,
-        flops_per_token=metrics_lib.flops_per_token(model_config, non_embedding_params(abstract_model)),
+        flops_per_token=metrics.flops_per_token(model_config, non_embedding_params(abstract_model)),
         resumed_from=latest,
     )
 
 
+def _pretrained(run_config: RunConfig) -> tuple[GPTConfig, dict[str, np.ndarray]]:
+    """Weights to fine-tune from: the checkpoint fixes the shapes, the command line the rest."""
+    asked = run_config.model_config
+    keep = ("dropout", "dtype", "pad_vocab_multiple", "attention", "remat", "param_dtype")
+    pretrained = load_model(run_config.train_config.init_from, **{k: getattr(asked, k) for k in keep})
+    config = pretrained.config
+    params = ParamCodec(config).to_host(pretrained)
+    block_size = asked.block_size if "block_size" in run_config.model_flags else config.block_size
+    if block_size > config.block_size:
+        raise UserError(f"--block_size {block_size} exceeds the pretrained model's context ({config.block_size})")
+    if block_size < config.block_size:  # nanoGPT's crop_block_size: keep the first positions
+        params["wpe.embedding"] = params["wpe.embedding"][:block_size]
+        config = config.replace(block_size=block_size)
+    return config, params
+
+
+def _resumed_config(run_config: RunConfig) -> GPTConfig:
+    """The run's stored model config; shape flags that contradict it are an error, others apply."""
+    asked, flags, out_dir = run_config.model_config, run_config.model_flags, run_config.train_config.out_dir
+    stored = GPTConfig.from_dict(read_run_file(out_dir)["model"])
+    shape = (*SHAPE_FIELDS, "block_size", "pad_vocab_multiple")
+    changed = [f for f in shape if f in flags and getattr(asked, f) != getattr(stored, f)]
+    if changed:
+        stored_values = ", ".join(f"{f}={getattr(stored, f)}" for f in changed)
+        raise UserError(
+            f"{out_dir} holds a checkpoint of a model with {stored_values}; drop those flags to resume, "
+            "or pick a new --out_dir"
+        )
+    return stored.replace(**{k: getattr(asked, k) for k in flags if k not in shape})
+
+
 def next_batch(run: Run) -> dict[str, jax.Array]:
     """``grad_accum`` micro-batches from the iterator, stacked to [grad_accum, batch, T] and sharded."""
-    micro = [next(run.data_iter) for _ in range(run.train.grad_accum)]
+    micro = [next(run.data_iter) for _ in range(run.config.grad_accum)]
     sharding = accumulated_batch_sharding(run.mesh)
     return {
         key: jax.make_array_from_process_local_data(sharding, np.stack([m[key] for m in micro]).astype(np.int32))
@@ -166,16 +165,29 @@ def next_batch(run: Run) -> dict[str, jax.Array]:
     }
 
 
+def current_model(run: Run) -> GPT:
+    return run.codec.to_model(run.state.params)
+
+
 def evaluate(run: Run) -> float:
     """Mean validation loss over the first ``eval_iters`` batches of windows (always the same tokens)."""
-    from jaxgpt.eval.loss import evaluate_loss
+    cfg = run.config
+    max_tokens = cfg.eval_iters * cfg.batch_size * run.model_config.block_size
+    model, mesh = current_model(run), run.mesh
+    return evaluate_loss(model, cfg.data_dir, batch_size=cfg.batch_size, max_tokens=max_tokens, mesh=mesh)["val_loss"]
 
-    t, cfg = run.model.block_size, run.train
-    model = run.codec.to_model(run.state.params)
-    result = evaluate_loss(
-        model, cfg.data_dir, batch_size=cfg.batch_size, max_tokens=cfg.eval_iters * cfg.batch_size * t, mesh=run.mesh
-    )
-    return result["val_loss"]
+
+def sample_text(run: Run, num_tokens: int, seed: int) -> str:
+    """A sample from end-of-text with the current weights (top-k 200, temperature 0.8, as nanoGPT)."""
+    num_tokens = min(num_tokens, run.model_config.block_size - 1)  # the prompt is one token
+    key = jax.random.key(seed)
+    out = generate(current_model(run), [[EOT_ID]], num_tokens, temperature=0.8, top_k=200, key=key, stop_at_eot=False)
+    return get_tokenizer().decode(out[0])
+
+
+def hellaswag_scores(run: Run, items: list[HellaSwagItem]) -> dict[str, float]:
+    scores = evaluate_hellaswag(current_model(run), items, mesh=run.mesh, progress=False)
+    return {"acc": scores["acc"], "acc_norm": scores["acc_norm"]}
 
 
 def check_finite(run: Run) -> None:
@@ -184,22 +196,19 @@ def check_finite(run: Run) -> None:
         last = run.checkpointer.latest_step()
         kept = f"the last good checkpoint (step {last}) is intact" if last is not None else "no checkpoint was written"
         raise NonFiniteError(
-            f"the loss or gradient became NaN/Inf at step {bad + 1}; stopped, {kept} in {run.train.out_dir}. "
+            f"the loss or gradient became NaN/Inf at step {bad + 1}; stopped, {kept} in {run.config.out_dir}. "
             "Lower --lr, raise --warmup_steps, or train in float32 to find the cause."
         )
 
 
-def sample_text(run: Run, num_tokens: int, seed: int) -> str:
-    """A sample from end-of-text with the current weights (top-k 200, temperature 0.8, as nanoGPT)."""
-    from jaxgpt.sampling import generate
-    from jaxgpt.tokenizer import EOT_ID, get_tokenizer
-
-    model = run.codec.to_model(run.state.params)
-    num_tokens = min(num_tokens, run.model.block_size - 1)  # the prompt is one token
-    out = generate(
-        model, [[EOT_ID]], num_tokens, temperature=0.8, top_k=200, key=jax.random.key(seed), stop_at_eot=False
+def save(run: Run, val_loss: float | None) -> None:
+    check_finite(run)  # never checkpoint a state that went bad
+    run.checkpointer.save(
+        run.state,
+        data_state=iterator_state(run.data_iter, run.data),
+        meta={"model": run.model_config.to_dict(), "train": run.config.to_dict()},
+        val_loss=val_loss,
     )
-    return get_tokenizer().decode(out[0])
 
 
 def format_record(record: dict[str, Any], max_steps: int) -> str:
@@ -212,86 +221,98 @@ def format_record(record: dict[str, Any], max_steps: int) -> str:
     return " | ".join(parts)
 
 
+class StepTimer:
+    """Tokens/s and MFU over the training steps since the last reset (evaluation and saving are not counted)."""
+
+    def __init__(self, run: Run, step: int):
+        self.tokens_per_step = run.config.tokens_per_step(run.model_config.block_size)
+        self.flops_per_token, self.devices = run.flops_per_token, run.mesh.devices.size
+        self.peak = metrics.peak_flops_per_device(run.config.peak_flops)
+        self.reset(step)
+
+    def reset(self, step: int) -> None:
+        self.step, self.start = step, time.perf_counter()
+
+    def rates(self, step: int) -> dict[str, float | None]:
+        steps, elapsed = step - self.step, time.perf_counter() - self.start
+        if steps <= 0:
+            return {}
+        tokens_per_s = steps * self.tokens_per_step / elapsed
+        mfu = metrics.mfu(tokens_per_s, self.flops_per_token, self.peak, self.devices)
+        return {"step_ms": 1000 * elapsed / steps, "tokens_per_s": tokens_per_s, "mfu": mfu}
+
+
+def due(step: int, interval: int, last: bool) -> bool:
+    """Whether an every-``interval``-steps action runs after ``step`` (0: only at the last step)."""
+    return last or (interval > 0 and step % interval == 0)
+
+
 def train(run_config: RunConfig) -> dict[str, Any]:
     """Runs (or resumes) training to ``max_steps``; returns the last logged record."""
     run = setup(run_config)
-    cfg = run.train
+    cfg = run.config
     is_main = jax.process_index() == 0
-    writer = metrics_lib.MetricsWriter(cfg.out_dir, enabled=is_main)
+    writer = MetricsWriter(cfg.out_dir, enabled=is_main)
     start = int(run.state.step)
     writer.truncate_after(start)
-    tokens_per_step = cfg.tokens_per_step(run.model.block_size)
-    peak = metrics_lib.peak_flops_per_device(cfg.peak_flops)
-    if is_main:
-        print(
-            f"model: {run.model.n_layer} layers, {run.model.n_embd} wide, {run.model.block_size} context "
-            f"| {tokens_per_step:,} tokens/step | mesh {dict(run.mesh.shape)} on {jax.devices()[0].device_kind} "
-            + (f"| resumed from step {run.resumed_from}" if run.resumed_from is not None else "")
-        )
-    hellaswag = _hellaswag_items(cfg) if cfg.hellaswag_interval else None
-    timer_step, timer = start, time.perf_counter()
+    say = tqdm.write if is_main else lambda _: None
+    say(describe(run))
+
+    def print_sample(step: int) -> dict[str, Any]:
+        say(f"--- sample at step {step} ---\n{sample_text(run, cfg.sample_tokens, cfg.seed + step)}\n---")
+        return {}
+
+    # Each action runs every `interval` steps (0: only at the last step) and returns what it adds to the record.
+    actions: list[tuple[int, Callable[[int], dict[str, Any]]]] = [
+        (cfg.eval_interval, lambda step: {"val_loss": evaluate(run)}),
+        (cfg.sample_interval or cfg.eval_interval, print_sample),  # sample_interval 0: at each evaluation
+    ]
+    if cfg.hellaswag_interval:
+        items = _hellaswag_items(cfg)
+        actions.append((cfg.hellaswag_interval, lambda step: hellaswag_scores(run, items)))
+
+    timer = StepTimer(run, start)
     record: dict[str, Any] = {}
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not is_main, unit="step", dynamic_ncols=True)
     try:
         for step in range(start, cfg.max_steps):
             run.state, step_metrics = run.step_fn(run.state, next_batch(run))
-            done = step + 1
-            last = done == cfg.max_steps
+            done, last = step + 1, step + 1 == cfg.max_steps
             bar.update(1)
             record = {}
-            if done % cfg.log_interval == 0 or last:
-                record.update(jax.device_get(step_metrics), step=done)
-                check_finite(run)
-                elapsed, steps = time.perf_counter() - timer, done - timer_step
-                if steps > 0:
-                    record.update(step_ms=1000 * elapsed / steps, tokens_per_s=steps * tokens_per_step / elapsed)
-                    record["mfu"] = metrics_lib.mfu(
-                        record["tokens_per_s"], run.flops_per_token, peak, run.mesh.devices.size
-                    )
+            if due(done, cfg.log_interval, last):
+                record.update(jax.device_get(step_metrics), **timer.rates(done))
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
-            did_other_work = False
-            if (cfg.eval_interval and done % cfg.eval_interval == 0) or last:
+            other_work = [action for interval, action in actions if due(done, interval, last)]
+            if record or other_work:
                 check_finite(run)
-                record.update(step=done, val_loss=evaluate(run))
-                did_other_work = True
-            if (cfg.sample_interval and done % cfg.sample_interval == 0) or (
-                not cfg.sample_interval and "val_loss" in record
-            ):
-                text = sample_text(run, cfg.sample_tokens, cfg.seed + done)
-                if is_main:
-                    bar.write(f"--- sample at step {done} ---\n{text}\n---")
-                did_other_work = True
-            if hellaswag and (done % cfg.hellaswag_interval == 0 or last):
-                from jaxgpt.eval.hellaswag import evaluate_hellaswag
-
-                model = run.codec.to_model(run.state.params)
-                scores = evaluate_hellaswag(model, hellaswag, mesh=run.mesh, progress=False)
-                record.update(step=done, acc=scores["acc"], acc_norm=scores["acc_norm"])
-                did_other_work = True
+            for action in other_work:
+                record.update(action(done))
             if record:
+                record["step"] = done
                 writer.write(record)
-                if is_main:
-                    bar.write(format_record(record, cfg.max_steps))
-            if done % cfg.save_interval == 0 or last:
-                check_finite(run)
-                run.checkpointer.save(
-                    run.state,
-                    data_state=iterator_state(run.data_iter, run.data),
-                    meta={"model": run.model.to_dict(), "train": cfg.to_dict()},
-                    val_loss=record.get("val_loss"),
-                )
-                did_other_work = True
-            if did_other_work or step == start:  # time only training steps (the first one compiles)
+                say(format_record(record, cfg.max_steps))
+            if due(done, cfg.save_interval, last):
+                save(run, record.get("val_loss"))
+                other_work.append(save)
+            if other_work or step == start:  # time only training steps: the first one compiles
                 jax.block_until_ready(run.state.step)
-                timer_step, timer = done, time.perf_counter()
+                timer.reset(done)
     finally:
         bar.close()
         run.checkpointer.close()  # waits for the last asynchronous save: never exit with half a checkpoint
     return record
 
 
-def _hellaswag_items(cfg: TrainConfig):
-    from jaxgpt.eval.hellaswag import load_hellaswag
+def describe(run: Run) -> str:
+    model, resumed = run.model_config, run.resumed_from
+    return (
+        f"model: {model.n_layer} layers, {model.n_embd} wide, {model.block_size} context "
+        f"| {run.config.tokens_per_step(model.block_size):,} tokens/step | mesh {dict(run.mesh.shape)} "
+        f"on {jax.devices()[0].device_kind}" + (f" | resumed from step {resumed}" if resumed is not None else "")
+    )
 
+
+def _hellaswag_items(cfg: TrainConfig) -> list[HellaSwagItem]:
     items = load_hellaswag(cfg.hellaswag_path)
     return items[: cfg.hellaswag_items] if cfg.hellaswag_items else items

@@ -16,7 +16,8 @@ from jaxgpt.model import GPT
 from jaxgpt.optim import learning_rate_schedule, make_optimizer
 from jaxgpt.params import ParamCodec
 from jaxgpt.sharding import make_mesh
-from jaxgpt.train_step import init_train_state, train_state_shardings
+from jaxgpt.train_state import init_train_state
+from jaxgpt.train_step import train_state_shardings
 
 TINY = GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=4, n_embd=32)
 
@@ -83,7 +84,7 @@ def test_exported_model_loads_back_identically(tmp_path):
 def test_convert_cli_between_formats(tmp_path):
     from transformers import GPT2LMHeadModel
 
-    from jaxgpt.convert import main as convert
+    from jaxgpt.convert.__main__ import main as convert
     from tests.hf_fixtures import hf_logits, make_hf_gpt2
 
     reference = make_hf_gpt2(tmp_path / "hf", n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=300)

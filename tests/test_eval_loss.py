@@ -51,7 +51,7 @@ def test_val_loss_equals_transformers_cross_entropy(tiny, val_dir):
     assert count == len(tokens) - 1 == sum(SHARD_LENGTHS) - 1  # every token but the first, once
     # 9 windows in batches of 4: the last batch holds one short window and three padding rows
     result = evaluate_loss(tiny.model, val_dir, batch_size=4, block_size=BLOCK)
-    assert result["n_tokens"] == count
+    assert result["num_tokens"] == count
     np.testing.assert_allclose(result["val_loss"], expected, rtol=1e-5)
     np.testing.assert_allclose(result["perplexity"], math.exp(expected), rtol=1e-5)
 
@@ -59,17 +59,17 @@ def test_val_loss_equals_transformers_cross_entropy(tiny, val_dir):
 def test_max_tokens_scores_only_the_first_tokens(tiny, val_dir):
     expected, count = reference_loss(tiny.dir, val_tokens(val_dir)[:101], BLOCK)
     result = evaluate_loss(tiny.model, val_dir, batch_size=4, block_size=BLOCK, max_tokens=100)
-    assert result["n_tokens"] == count == 100
+    assert result["num_tokens"] == count == 100
     np.testing.assert_allclose(result["val_loss"], expected, rtol=1e-5)
     everything = evaluate_loss(tiny.model, val_dir, batch_size=4, block_size=BLOCK, max_tokens=10**9)
-    assert everything["n_tokens"] == sum(SHARD_LENGTHS) - 1
+    assert everything["num_tokens"] == sum(SHARD_LENGTHS) - 1
 
 
 def test_padding_rows_do_not_count(tiny, val_dir):
     """Different batch sizes pad the last batch differently; the loss must not move."""
     a = evaluate_loss(tiny.model, val_dir, batch_size=4, block_size=BLOCK)
     b = evaluate_loss(tiny.model, val_dir, batch_size=7, block_size=BLOCK)
-    assert a["n_tokens"] == b["n_tokens"]
+    assert a["num_tokens"] == b["num_tokens"]
     np.testing.assert_allclose(a["val_loss"], b["val_loss"], rtol=1e-6)
 
 
@@ -81,7 +81,7 @@ def test_sharded_mesh_gives_the_same_loss(tiny, val_dir):
     # a vocabulary padded to 50304 splits over the model axis: tensor parallelism of the head too
     sharded = shard_model(load_model(tiny.dir, pad_vocab_multiple=64), mesh)
     result = evaluate_loss(sharded, val_dir, batch_size=8, block_size=BLOCK, mesh=mesh)
-    assert result["n_tokens"] == expected["n_tokens"]
+    assert result["num_tokens"] == expected["num_tokens"]
     np.testing.assert_allclose(result["val_loss"], expected["val_loss"], rtol=1e-5)
 
 

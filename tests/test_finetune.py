@@ -21,7 +21,7 @@ def test_init_from_hf_directory_loads_weights_and_crops_context(tmp_path):
     run = setup(parse_run_config(args))
     run.checkpointer.close()
     weights = {k: v.numpy() for k, v in reference.state_dict().items()}
-    assert run.model.n_layer == 2 and run.model.n_embd == 32 and run.model.block_size == 16
+    assert run.model_config.n_layer == 2 and run.model_config.n_embd == 32 and run.model_config.block_size == 16
     np.testing.assert_array_equal(run.state.params["wpe.embedding"], weights["transformer.wpe.weight"][:16])
     np.testing.assert_array_equal(run.state.params["h.1.mlp.c_fc.kernel"], weights["transformer.h.1.mlp.c_fc.weight"])
 

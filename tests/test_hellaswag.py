@@ -106,7 +106,7 @@ def test_scores_and_predictions_match_transformers(tiny, items_file):
     assert result == {
         "acc": pytest.approx(np.mean(pred == labels)),
         "acc_norm": pytest.approx(np.mean(pred_norm == labels)),
-        "n_items": len(ITEMS),
+        "num_items": len(ITEMS),
     }
     assert np.array_equal(scores.sum_logprob.argmax(axis=1), pred)
     assert np.array_equal(scores.mean_logprob.argmax(axis=1), pred_norm)
@@ -195,13 +195,22 @@ def test_cli_end_to_end(tiny, items_file, tmp_path):
     args = ["--init_from", str(tiny.dir), "--val_data", str(tmp_path), "--hellaswag", str(items_file)]
     proc = run_cli(*args, "--results", str(results), "--batch_size", "8")
     assert proc.returncode == 0, proc.stderr
-    for metric in ("val_loss", "perplexity", "acc", "acc_norm", "n_items"):
+    for metric in ("val_loss", "perplexity", "acc", "acc_norm", "num_items"):
         assert metric in proc.stdout
     lines = results.read_text().splitlines()
     assert len(lines) == 2  # appended
     record = json.loads(lines[1])
-    assert set(record) == {"init_from", "timestamp", "val_loss", "perplexity", "n_tokens", "acc", "acc_norm", "n_items"}
-    assert record["n_items"] == len(ITEMS) and record["n_tokens"] == 299 and record["init_from"] == str(tiny.dir)
+    assert set(record) == {
+        "init_from",
+        "timestamp",
+        "val_loss",
+        "perplexity",
+        "num_tokens",
+        "acc",
+        "acc_norm",
+        "num_items",
+    }
+    assert record["num_items"] == len(ITEMS) and record["num_tokens"] == 299 and record["init_from"] == str(tiny.dir)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import json
-
 import jax
 import pytest
 from flax import nnx
@@ -33,12 +31,3 @@ def test_mfu_and_peak_lookup(monkeypatch):
     assert metrics.peak_flops_per_device() is None
     assert metrics.mfu(500_000, 0.85e9, 989e12, 1) == pytest.approx(0.4297, abs=1e-4)
     assert metrics.mfu(500_000, 0.85e9, None, 1) is None
-
-
-def test_metrics_file_is_cut_back_on_resume(tmp_path):
-    writer = metrics.MetricsWriter(tmp_path)
-    for step in range(1, 6):
-        writer.write({"step": step, "loss": 1.0 / step, "mfu": None})
-    writer.truncate_after(3)
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3] and records[0]["mfu"] is None

@@ -8,19 +8,15 @@ import itertools
 import json
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxgpt.data import shards
 from jaxgpt.data.pipeline import (
     DataConfig,
     iterator_state,
-    make_eval_batches,
     make_train_iterator,
     restore_iterator,
-    to_global_batch,
 )
 from jaxgpt.errors import UserError
 
@@ -43,7 +39,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def config_for(data_dir: Path, **changes) -> DataConfig:
-    defaults = dict(data_dir=str(data_dir), block_size=T, global_batch_size=GLOBAL_BATCH, seed=0, worker_count=0)
+    defaults = dict(data_dir=str(data_dir), block_size=T, global_batch_size=GLOBAL_BATCH, seed=0, data_workers=0)
     return DataConfig(**{**defaults, **changes})
 
 
@@ -77,7 +73,7 @@ def test_one_epoch_is_a_permutation_of_all_windows_and_epochs_differ(data_dir: P
 
 def test_same_seed_same_batches_other_seed_other_batches(data_dir: Path) -> None:
     def first(seed: int, workers: int) -> list[list[int]]:
-        it = make_train_iterator(config_for(data_dir, seed=seed, worker_count=workers), process_count=1)
+        it = make_train_iterator(config_for(data_dir, seed=seed, data_workers=workers), process_count=1)
         return take(it, 5)
 
     assert first(0, 0) == first(0, 2)  # worker threads change nothing
@@ -109,7 +105,7 @@ def test_batch_size_must_divide_between_processes(data_dir: Path) -> None:
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("stop", [5, STEPS_PER_EPOCH - 2])  # mid-epoch; just before an epoch boundary
 def test_grain_state_resumes_exactly(data_dir: Path, workers: int, stop: int) -> None:
-    config = config_for(data_dir, worker_count=workers, prefetch=4)
+    config = config_for(data_dir, data_workers=workers, prefetch=4)
     reference = take(make_train_iterator(config, process_count=1), stop + 5)
     it = make_train_iterator(config, process_count=1)
     take(it, stop)
@@ -143,43 +139,6 @@ def test_restore_refuses_a_state_of_other_data_or_shape(data_dir: Path, tmp_path
         restore_iterator(config_for(tmp_path), state, process_count=1)
     with pytest.raises(UserError, match="iterator_state"):
         restore_iterator(config, {"next_index": 3}, process_count=1)
-
-
-def test_eval_batches_are_one_ordered_pass(data_dir: Path) -> None:
-    batches = list(make_eval_batches(data_dir, "val", block_size=T, batch_size=4, process_index=0, process_count=1))
-    num_windows = (1000 - 1) // T  # 62: 15 batches of 4, the last 2 windows dropped
-    assert [window_ids(b) for b in batches] == [list(range(4 * b, 4 * b + 4)) for b in range(num_windows // 4)]
-    for count in (2, 4):
-        parts = [
-            make_eval_batches(
-                data_dir, "val", block_size=T, batch_size=4, max_batches=3, process_index=p, process_count=count
-            )
-            for p in range(count)
-        ]
-        assert [flat(map(window_ids, rows)) for rows in zip(*parts, strict=True)] == [
-            window_ids(b) for b in batches[:3]
-        ]
-    with pytest.raises(UserError, match="fewer than one batch"):
-        list(make_eval_batches(data_dir, "val", block_size=T, batch_size=64, process_count=1))
-
-
-@pytest.mark.parametrize("shape", [(8, 1), (4, 2)])
-def test_to_global_batch_shards_rows_over_the_data_axis(data_dir: Path, shape: tuple[int, int]) -> None:
-    assert jax.device_count() == 8
-    mesh = Mesh(np.asarray(jax.devices()).reshape(shape), ("data", "model"))
-    local = next(make_train_iterator(config_for(data_dir), process_count=1))
-    batch = to_global_batch(local, mesh)
-    for key in ("inputs", "targets"):
-        array = batch[key]
-        assert array.shape == (GLOBAL_BATCH, T) and array.dtype == np.int32
-        assert array.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec("data", None)), 2)
-        np.testing.assert_array_equal(np.asarray(array), local[key])
-        rows_per_shard = GLOBAL_BATCH // shape[0]
-        for shard in array.addressable_shards:
-            assert shard.data.shape == (rows_per_shard, T)
-            np.testing.assert_array_equal(np.asarray(shard.data), local[key][shard.index])
-    with pytest.raises(UserError, match="not divisible"):
-        to_global_batch({"inputs": local["inputs"][:3]}, mesh)
 
 
 def test_config_checks() -> None:

@@ -12,7 +12,7 @@ def test_curves_from_metrics(tmp_path):
     records = [{"step": s, "loss": 10 - s, "lr": 1e-3 * s, "mfu": None} for s in range(1, 6)]
     records[2]["val_loss"] = 7.5
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    series = read_series(tmp_path / "metrics.jsonl")
+    series = read_series(tmp_path)
     assert series["loss"] == ([1, 2, 3, 4, 5], [9, 8, 7, 6, 5])
     assert series["val_loss"] == ([3], [7.5])
     png = plot(tmp_path)

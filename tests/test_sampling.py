@@ -20,11 +20,14 @@ from flax import nnx
 from jaxgpt import sampling
 from jaxgpt.config import GPTConfig
 from jaxgpt.convert import load_hf_gpt2
+from jaxgpt.decoding import decode as decode_chunk
+from jaxgpt.decoding import init_cache
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
-from jaxgpt.sample_cli import SampleConfig, TextStream
+from jaxgpt.sample_config import SampleConfig
 from jaxgpt.sampling import generate, left_pad, process_logits, sample_token
 from jaxgpt.sharding import make_mesh, shard_model
+from jaxgpt.text_sampling import TextStream
 from jaxgpt.tokenizer import get_tokenizer
 from tests.hf_fixtures import make_hf_gpt2
 
@@ -53,7 +56,7 @@ def hf_dir(tmp_path_factory) -> Path:
 
 
 forward = nnx.jit(lambda model, tokens: model(tokens))
-decode = nnx.jit(lambda model, *args: model.decode(*args))
+decode = nnx.jit(decode_chunk)
 
 
 def greedy_by_forward(model: GPT, prompt: list[int], n: int) -> list[int]:
@@ -72,7 +75,7 @@ def test_cached_decode_logits_match_full_forward(model):
     rng = np.random.default_rng(0)
     continuations = rng.integers(0, CONFIG.vocab_size, (len(PROMPTS), steps)).astype(np.int32)
     tokens, positions, key_mask = left_pad(PROMPTS, prompt_len, cache_len)
-    logits, cache = decode(model, jnp.asarray(tokens), model.init_cache(3, cache_len), 0, positions, key_mask)
+    logits, cache = decode(model, jnp.asarray(tokens), init_cache(model.config, 3, cache_len), 0, positions, key_mask)
     cached = [np.asarray(logits)]
     next_positions = np.array([len(p) for p in PROMPTS])[:, None]
     for start, size in zip(np.cumsum((0, *chunks[:-1])), chunks, strict=True):
@@ -155,22 +158,25 @@ def test_temperature_zero_is_greedy_and_seeds_reproduce(model):
 
 def test_no_recompilation_within_a_bucket_or_across_steps(model):
     generate(model, [[1, 2, 3]], 20, temperature=0)
-    before = dict(sampling.TRACES)
+    graphdef, state = nnx.split(model)
+    prefill, step = sampling._compiled(graphdef, jax.tree.structure(state), sampling.SamplingRule(0.0))
+    compiled = lambda: (prefill._cache_size(), step._cache_size())  # executables jax holds: one per compilation
+    before = compiled()
     for length in (1, 5, 11, 16):  # all pad to the 16-token bucket; 20 steps each
         generate(model, [list(range(7, 7 + length))], 20, temperature=0)
-    assert dict(sampling.TRACES) == before
+    assert compiled() == before
     generate(model, [list(range(17))], 20, temperature=0)  # the 32-token bucket: a new prefill, same cache
-    assert sampling.TRACES["prefill"] == before["prefill"] + 1 and sampling.TRACES["step"] == before["step"]
+    assert compiled() == (before[0] + 1, before[1])
     generate(model, [list(range(17))], 40, temperature=0)  # a longer cache: a new decode step
-    assert sampling.TRACES["prefill"] == before["prefill"] + 2 and sampling.TRACES["step"] == before["step"] + 1
+    assert compiled() == (before[0] + 2, before[1] + 1)
 
 
 def test_decode_step_updates_the_cache_in_place(model):
     """The compiled decode step copies no cache layer: on CPU such copies cost ~15% of a GPT-2 124M token."""
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
-    _, step = sampling._compiled(graphdef, treedef, sampling.SamplingParams(0.0))
-    cache, row = model.init_cache(1, 64), jnp.zeros(1, jnp.int32)
+    _, step = sampling._compiled(graphdef, treedef, sampling.SamplingRule(0.0))
+    cache, row = init_cache(model.config, 1, 64), jnp.zeros(1, jnp.int32)
     hlo = step.lower(leaves, cache, row, 16, row, np.ones((1, 64), bool), jax.random.key(0)).compile().as_text()
     layer_size = cache[0].key.size
     copies = [

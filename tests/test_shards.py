@@ -59,7 +59,7 @@ def test_list_shards_skips_temporary_files_and_explains_empty_dirs(tmp_path: Pat
 
 
 def test_pipeline_refuses_an_empty_dir_and_a_corrupt_shard(tmp_path: Path) -> None:
-    config = DataConfig(data_dir=str(tmp_path), block_size=4, global_batch_size=2, worker_count=0)
+    config = DataConfig(data_dir=str(tmp_path), block_size=4, global_batch_size=2, data_workers=0)
     with pytest.raises(UserError, match=r"jaxgpt\.data\.prepare"):
         make_train_iterator(config, process_index=0, process_count=1)
     write(tmp_path, list(range(100)))

@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import GPTConfig
+from jaxgpt.data.pipeline import TokenStream, windows_to_batch
 from jaxgpt.optim import learning_rate_schedule, make_optimizer
 from jaxgpt.params import ParamCodec
 from jaxgpt.train_config import parse_run_config
-from jaxgpt.train_step import init_train_state, make_train_step
+from jaxgpt.train_state import init_train_state
+from jaxgpt.train_step import make_train_step
 from jaxgpt.trainer import next_batch, setup
 from tests.train_utils import logged_losses, run_train_cli, train_args, write_token_data
 
@@ -26,7 +29,7 @@ def data_dir(tmp_path_factory):
 
 def first_losses(data_dir, out_dir, *extra, steps=3):
     config = parse_run_config(train_args(data_dir, out_dir, *extra))
-    devices = jax.devices()[:1] if config.train.mesh == "1x1" else None
+    devices = jax.devices()[:1] if config.train_config.mesh == "1x1" else None
     run = setup(config, devices)
     losses = []
     for _ in range(steps):
@@ -130,8 +133,6 @@ def test_incompatible_checkpoint_and_nan_stop(data_dir, tmp_path):
     result = run_train_cli(train_args(data_dir, nan_out, "--lr", "1e30", "--min_lr", "1e30", "--save_interval", "1"))
     assert result.returncode == 2 and "NaN/Inf at step" in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
-    from jaxgpt.checkpoint import Checkpointer
-
     steps = Checkpointer(nan_out, async_save=False).all_steps()
     bad_step = int(result.stderr.split("NaN/Inf at step ")[1].split(";")[0])
     assert all(s < bad_step for s in steps)  # only checkpoints from before the bad step
@@ -165,12 +166,12 @@ def test_help_lists_every_flag_with_its_default():
 
 
 def test_validation_loss_is_the_mean_over_the_first_eval_iters_batches(data_dir, tmp_path):
-    from jaxgpt.data.pipeline import make_eval_batches
     from jaxgpt.losses import cross_entropy
     from jaxgpt.trainer import evaluate
 
     _, run = first_losses(data_dir, tmp_path / "out", "--mesh", "4x2", steps=1)
     model = run.codec.to_model(run.state.params)
-    batches = make_eval_batches(data_dir, "val", block_size=16, batch_size=8, max_batches=2)  # eval_iters is 2
+    stream = TokenStream.open(data_dir, "val")  # eval_iters is 2: the first two batches of 8 windows
+    batches = [windows_to_batch(stream, np.arange(8 * b, 8 * b + 8), 16) for b in range(2)]
     expected = np.mean([float(cross_entropy(model(b["inputs"]), b["targets"])) for b in batches])
     assert evaluate(run) == pytest.approx(expected, abs=1e-5)

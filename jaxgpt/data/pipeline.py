@@ -12,7 +12,7 @@ epoch is a fresh permutation (Grain folds the epoch into the seed) and GLOBAL
 batch ``s`` is fixed by ``(data, block_size, global_batch_size, seed)`` alone.
 Process ``p`` of ``P`` keeps rows ``[p*B, (p+1)*B)`` of it (B = global/P) and
 reads only those windows, each with one memmap slice per shard it touches.
-Threads (``worker_count``) read batches ahead.
+Threads (``data_workers``) read batches ahead.
 
 State: the iterator's position is the global step, so ``it.get_state()`` is
 ``{"next_index": step}``, the same on every process and for any process count.
@@ -25,17 +25,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grain
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxgpt.cli import option
 from jaxgpt.data import shards
 from jaxgpt.errors import UserError
+from jaxgpt.options import option
 
 STATE_FORMAT = "jaxgpt.data.train_iterator/1"
 
@@ -44,11 +43,11 @@ STATE_FORMAT = "jaxgpt.data.train_iterator/1"
 class DataConfig:
     """Training data: which shards and how they are cut into batches."""
 
-    data_dir: str = option("data/tinyshakespeare", "folder of token shards written by jaxgpt.data.prepare")
-    block_size: int = option(1024, "tokens per example (the model's context length)")
-    global_batch_size: int = option(16, "examples per step summed over all processes (split evenly between them)")
-    seed: int = option(0, "shuffling seed (0..2**32-1); every epoch is reshuffled from it")
-    worker_count: int = option(2, "threads reading batches ahead (0: read each batch when it is asked for)")
+    data_dir: str = option("data/shakespeare", "folder of token shards written by jaxgpt.data.prepare")
+    block_size: int = option(64, "tokens per example (the model's context length)")
+    global_batch_size: int = option(12, "examples per step summed over all processes (split evenly between them)")
+    seed: int = option(1337, "shuffling seed (0..2**32-1); every epoch is reshuffled from it")
+    data_workers: int = option(0, "threads reading batches ahead (0: read each batch when it is asked for)")
     prefetch: int = option(8, "batches read ahead by the worker threads")
 
     def __post_init__(self) -> None:
@@ -57,8 +56,8 @@ class DataConfig:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.seed < 2**32:
             raise UserError(f"seed must be in [0, 2**32), got {self.seed}")
-        if self.worker_count < 0 or self.prefetch < 0:
-            raise UserError(f"worker_count and prefetch must be >= 0, got {self.worker_count} and {self.prefetch}")
+        if self.data_workers < 0 or self.prefetch < 0:
+            raise UserError(f"data_workers and prefetch must be >= 0, got {self.data_workers} and {self.prefetch}")
 
 
 class TokenStream:
@@ -156,7 +155,7 @@ def make_train_iterator(
         .batch(config.global_batch_size, drop_remainder=True)
         .map(_ReadRows(stream, rows, config.block_size))
     )
-    threads = config.worker_count if config.prefetch else 0
+    threads = config.data_workers if config.prefetch else 0
     options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(config.prefetch, threads))
     return iter(dataset.to_iter_dataset(options))
 
@@ -206,48 +205,3 @@ def restore_iterator(
     it = make_train_iterator(config, process_index=process_index, process_count=process_count)
     it.set_state(state["grain"])
     return it
-
-
-def make_eval_batches(
-    data_dir: str | os.PathLike,
-    split: str,
-    *,
-    block_size: int,
-    batch_size: int,
-    max_batches: int | None = None,
-    process_index: int | None = None,
-    process_count: int | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
-    """One pass over a split in order: global batch ``b`` holds windows ``[b*batch_size, (b+1)*batch_size)``.
-
-    ``batch_size`` is global; each process yields its rows. The last partial batch is
-    dropped so that every process yields the same number of batches.
-    """
-    stream, num_windows = open_split(data_dir, split, block_size)
-    rows = process_rows(batch_size, process_index, process_count)
-    num_batches = num_windows // batch_size
-    if num_batches == 0:
-        raise UserError(
-            f"the '{split}' split of {data_dir} has {num_windows} examples of {block_size + 1} tokens, "
-            f"fewer than one batch of {batch_size}; use a smaller batch size or block_size"
-        )
-    if max_batches is not None:
-        num_batches = min(num_batches, max_batches)
-    for b in range(num_batches):
-        window_ids = np.arange(b * batch_size, (b + 1) * batch_size)
-        yield windows_to_batch(stream, window_ids[rows], block_size)
-
-
-def to_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, data_axis: str = "data") -> dict[str, jax.Array]:
-    """Assembles every process's local batch into global arrays split over ``data_axis`` (rows) of ``mesh``."""
-    sharding = NamedSharding(mesh, PartitionSpec(data_axis, None))
-    out = {}
-    for key, value in local_batch.items():
-        global_rows = value.shape[0] * jax.process_count()
-        if global_rows % mesh.shape[data_axis]:
-            raise UserError(
-                f"global batch size {global_rows} is not divisible by the {mesh.shape[data_axis]} devices "
-                f"of the mesh's '{data_axis}' axis"
-            )
-        out[key] = jax.make_array_from_process_local_data(sharding, value)
-    return out

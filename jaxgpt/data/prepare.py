@@ -14,7 +14,6 @@ any earlier complete dataset there stays intact); the next run clears
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import multiprocessing
@@ -30,10 +29,10 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxgpt import cli
-from jaxgpt.cli import option
 from jaxgpt.data import shards, sources
 from jaxgpt.data.sources import Piece
 from jaxgpt.errors import UserError
+from jaxgpt.options import option
 from jaxgpt.tokenizer import get_tokenizer
 
 STAGING = ".partial"
@@ -249,9 +248,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    cli.add_dataclass_arguments(parser, PrepareConfig)
-    config = cli.build(PrepareConfig, parser.parse_args(argv))
+    config = cli.parse(PrepareConfig, argv, prog="python -m jaxgpt.data.prepare")
     meta = prepare(config)
     counts = {split: meta["splits"][split] for split in shards.SPLITS}
     print(

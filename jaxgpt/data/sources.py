@@ -38,7 +38,6 @@ HUB_DATASETS: dict[str, tuple[str, str | None]] = {
     "fineweb": ("HuggingFaceFW/fineweb", "sample-10BT"),
     "fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT"),
 }
-DATASETS = ("shakespeare", *HUB_DATASETS)
 TEXT_SUFFIXES = (".txt", ".jsonl")
 CHUNK_CHARS = 1 << 18  # characters per piece: large enough to amortise IPC, small enough to balance workers
 LOCAL_HINT = "for local files use --input PATH (a .txt file, or a folder of .txt/.jsonl files)"

@@ -16,9 +16,15 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from jaxgpt.cli import add_dataclass_arguments, build, option, run
+from jaxgpt.cli import build, parser_for, run
 from jaxgpt.config import DType
+from jaxgpt.data.shards import list_shards
 from jaxgpt.errors import UserError
+from jaxgpt.eval.hellaswag import evaluate_hellaswag, load_hellaswag
+from jaxgpt.eval.loss import evaluate_loss
+from jaxgpt.loading import load_model
+from jaxgpt.options import option
+from jaxgpt.sharding import describe, make_mesh, shard_model
 
 DOWNLOAD = ""  # the value of a bare --hellaswag: the cached download
 
@@ -53,8 +59,7 @@ def append_results(path: Path, init_from: str, results: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jaxgpt.eval", description=EvalConfig.__doc__)
-    add_dataclass_arguments(parser, EvalConfig)
+    parser = parser_for("python -m jaxgpt.eval", EvalConfig.__doc__, (EvalConfig, None))
     parser.add_argument(
         "--hellaswag", nargs="?", const=DOWNLOAD, default=argparse.SUPPRESS, metavar="PATH",
         help="score HellaSwag's validation set: a local jsonl, or no value to download it once (cached)",
@@ -64,12 +69,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError("nothing to evaluate: pass --val_data DIR and/or --hellaswag [PATH]")
     if args.results is not None and not Path(args.results).parent.is_dir():
         raise UserError(f"--results {args.results}: directory {Path(args.results).parent} does not exist")
-
-    from jaxgpt.data.shards import list_shards
-    from jaxgpt.eval.hellaswag import evaluate_hellaswag, load_hellaswag
-    from jaxgpt.eval.loss import evaluate_loss
-    from jaxgpt.loading import load_model
-    from jaxgpt.sharding import make_mesh, shard_model
 
     # Check every input before the (slow) model load.
     if args.val_data is not None:
@@ -85,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     if items is not None:
         results |= evaluate_hellaswag(model, items, batch_size=args.batch_size, mesh=mesh)
-    print(f"{args.init_from}, mesh {mesh.shape['data']}x{mesh.shape['model']}, {args.dtype}")
+    print(f"{args.init_from}, mesh {describe(mesh)}, {args.dtype}")
     print(format_table(results))
     if args.results is not None:
         append_results(Path(args.results), args.init_from, results)

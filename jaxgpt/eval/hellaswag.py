@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from jaxgpt.errors import UserError
 from jaxgpt.eval.scoring import RowScorer, pack_rows
 from jaxgpt.model import GPT
+from jaxgpt.sharding import data_axis_size
 from jaxgpt.tokenizer import get_tokenizer
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -63,7 +64,7 @@ class EndingScores(NamedTuple):
 
     sum_logprob: np.ndarray
     mean_logprob: np.ndarray
-    n_tokens: np.ndarray
+    num_tokens: np.ndarray
 
 
 # ----------------------------------------------------------------------------- data
@@ -190,7 +191,7 @@ def _render(items: tuple[HellaSwagItem, ...], block_size: int) -> tuple[tuple[tu
 
 def default_batch_size(mesh: Mesh | None) -> int:
     """8 items, or the fewest above that whose 4 rows each split evenly over the mesh's data axis."""
-    data = 1 if mesh is None else mesh.shape["data"]
+    data = 1 if mesh is None else data_axis_size(mesh)
     return next(b for b in range(DEFAULT_BATCH_ITEMS, DEFAULT_BATCH_ITEMS + data) if N_ENDINGS * b % data == 0)
 
 
@@ -231,7 +232,7 @@ def score_endings(
         counts[batch] = np.asarray([n for _, n in rows]).reshape(len(batch), N_ENDINGS)
         bar.update(len(batch))
     bar.close()
-    return EndingScores(sum_logprob=sums, mean_logprob=sums / counts, n_tokens=counts)
+    return EndingScores(sum_logprob=sums, mean_logprob=sums / counts, num_tokens=counts)
 
 
 def evaluate_hellaswag(
@@ -242,11 +243,11 @@ def evaluate_hellaswag(
     mesh: Mesh | None = None,
     progress: bool = True,
 ) -> dict:
-    """``{"acc", "acc_norm", "n_items"}``: accuracy of the summed and of the per-token log-likelihood."""
+    """``{"acc", "acc_norm", "num_items"}``: accuracy of the summed and of the per-token log-likelihood."""
     scores = score_endings(model, items, batch_size=batch_size, mesh=mesh, progress=progress)
     labels = np.asarray([item.label for item in items])
     return {
         "acc": float(np.mean(scores.sum_logprob.argmax(axis=1) == labels)),
         "acc_norm": float(np.mean(scores.mean_logprob.argmax(axis=1) == labels)),
-        "n_items": len(items),
+        "num_items": len(items),
     }

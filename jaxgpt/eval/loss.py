@@ -55,7 +55,7 @@ def evaluate_loss(
     mesh: Mesh | None = None,
     progress: bool = False,
 ) -> dict:
-    """Mean loss over a split's shards: ``{"val_loss", "perplexity", "n_tokens"}`` (see the module doc).
+    """Mean loss over a split's shards: ``{"val_loss", "perplexity", "num_tokens"}`` (see the module doc).
 
     ``batch_size`` windows of ``block_size`` (default: the model's) run per step, split over
     the mesh's ``data`` axis; the model is used as placed (shard it first for tensor parallelism).
@@ -72,19 +72,19 @@ def evaluate_loss(
     paths = list_shards(data_dir, split)
     stream = TokenStream(paths, vocab_size=model.config.vocab_size)
     end = stream.num_tokens if max_tokens is None else min(stream.num_tokens, max_tokens + 1)
-    n_tokens = end - 1
-    if n_tokens < 1:
+    num_tokens = end - 1
+    if num_tokens < 1:
         raise UserError(f"the '{split}' shards in {data_dir} hold {stream.num_tokens} tokens; at least 2 are needed")
 
-    n_windows = -(-n_tokens // block_size)
+    num_windows = -(-num_tokens // block_size)
     total_log_likelihood, counted = 0.0, 0
-    bar = tqdm(total=n_tokens, desc=f"{split} loss", unit="tok", unit_scale=True, disable=not progress)
-    for first in range(0, n_windows, batch_size):
+    bar = tqdm(total=num_tokens, desc=f"{split} loss", unit="tok", unit_scale=True, disable=not progress)
+    for first in range(0, num_windows, batch_size):
         inputs, targets, weights = window_batch(stream, first, batch_size, block_size, end)
         total_log_likelihood += scorer(inputs, targets, weights).sum()
         counted += int(weights.sum())
         bar.update(int(weights.sum()))
     bar.close()
-    assert counted == n_tokens, (counted, n_tokens)
-    loss = float(-total_log_likelihood / n_tokens)
-    return {"val_loss": loss, "perplexity": math.exp(loss), "n_tokens": n_tokens}
+    assert counted == num_tokens, (counted, num_tokens)
+    loss = float(-total_log_likelihood / num_tokens)
+    return {"val_loss": loss, "perplexity": math.exp(loss), "num_tokens": num_tokens}

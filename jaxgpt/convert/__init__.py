@@ -7,31 +7,23 @@ so the conversion is a reshape. The attention-mask buffers of old checkpoints
 (``attn.bias``, ``attn.masked_bias``) are skipped and the output head is tied to
 the token embedding.
 
-    python -m jaxgpt.convert --src gpt2 --dst out/gpt2-hf     # hub id (online) or local HF dir
-    python -m jaxgpt.convert --src out/shakespeare --dst out/hf  # a training checkpoint -> HF
-    python -m jaxgpt.convert --src gpt2 --dst out/gpt2-ckpt --format jaxgpt  # HF -> our checkpoint
+The command line (``python -m jaxgpt.convert``) is in ``__main__.py``; this module is the library.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import jax
 import numpy as np
 
-from jaxgpt.cli import add_dataclass_arguments, build, option, run
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
 from jaxgpt.params import ParamCodec
 
-HUB_IDS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers, not parameters
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -178,19 +170,6 @@ def params_to_hf(params: dict[str, np.ndarray], config: GPTConfig) -> dict[str, 
     return out
 
 
-def flat_params(model: GPT) -> dict[str, np.ndarray]:
-    """The model's parameters as ``{"h.0.attn.c_attn.kernel": array}`` on the host."""
-    return {k: np.asarray(v) for k, v in ParamCodec(model.config).to_flat(model).items()}
-
-
-def model_from_params(config: GPTConfig, params: dict[str, np.ndarray]) -> GPT:
-    """Builds a GPT without initialising it randomly, then fills in ``params`` (cast to param_dtype)."""
-    codec = ParamCodec(config)
-    assert set(params) == set(codec.names), set(params) ^ set(codec.names)
-    cast = {name: params[name].astype(codec.abstract[name].dtype) for name in codec.names}
-    return codec.to_model({k: jax.numpy.asarray(v) for k, v in cast.items()})
-
-
 def load_hf_gpt2(name_or_path: str | os.PathLike, **overrides: Any) -> GPT:
     """A GPT from a Hugging Face GPT-2 directory or hub id; float32 and dropout-free unless overridden."""
     directory = resolve_hf_dir(name_or_path)
@@ -198,7 +177,8 @@ def load_hf_gpt2(name_or_path: str | os.PathLike, **overrides: Any) -> GPT:
     if not config_path.is_file():
         raise UserError(f"{directory} has no config.json; is it a Hugging Face GPT-2 directory?")
     config = config_from_hf(json.loads(config_path.read_text()), **overrides)
-    return model_from_params(config, params_from_hf(read_hf_tensors(directory), config))
+    codec = ParamCodec(config)  # a GPT built without random initialisation, filled with the HF weights
+    return codec.to_model(codec.cast(params_from_hf(read_hf_tensors(directory), config)))
 
 
 def save_hf_gpt2(model: GPT, out_dir: str | os.PathLike) -> Path:
@@ -207,36 +187,7 @@ def save_hf_gpt2(model: GPT, out_dir: str | os.PathLike) -> Path:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = params_to_hf(flat_params(model), model.config)
+    tensors = params_to_hf(ParamCodec(model.config).to_host(model), model.config)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2))
     return out
-
-
-@dataclasses.dataclass(frozen=True)
-class ConvertConfig:
-    """Convert GPT-2 weights between Hugging Face format and jaxgpt checkpoints."""
-
-    src: str = option("gpt2", "source: HF hub id (gpt2, gpt2-medium...), HF directory, or jaxgpt checkpoint dir")
-    dst: str = option("out/gpt2-hf", "destination directory")
-    format: Literal["hf", "jaxgpt"] = option("hf", "destination format: hf (transformers) or jaxgpt (Orbax)")
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jaxgpt.convert", description=ConvertConfig.__doc__)
-    add_dataclass_arguments(parser, ConvertConfig)
-    args = build(ConvertConfig, parser.parse_args(argv))
-    from jaxgpt.loading import load_model
-
-    model = load_model(args.src)
-    if args.format == "hf":
-        out = save_hf_gpt2(model, args.dst)
-    else:
-        from jaxgpt.checkpoint import save_model
-
-        out = save_model(model, args.dst)
-    print(f"wrote {args.format} weights of a {model.config.n_layer}-layer GPT to {out}")
-
-
-if __name__ == "__main__":
-    run(main)

@@ -1,9 +1,8 @@
-"""What ``sample.py`` does, as testable pieces: its config, reading prompts, streaming text out."""
+"""Text in, streamed text out: prompts from the command line, a file or stdin, and tokens written as they come."""
 
 from __future__ import annotations
 
 import codecs
-import dataclasses
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,41 +11,14 @@ from typing import TextIO
 import jax
 from jax.sharding import Mesh
 
-from jaxgpt.cli import option
-from jaxgpt.config import DType
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
-from jaxgpt.sampling import SamplingParams, check_prompts, generate
+from jaxgpt.sample_config import SampleConfig
+from jaxgpt.sampling import check_prompts, generate
 from jaxgpt.tokenizer import Tokenizer
 
 FILE_PREFIX = "FILE:"
 SEPARATOR = "---------------"
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleConfig:
-    """Generate text from a trained or pretrained GPT-2."""
-
-    init_from: str = option("gpt2", "a training out_dir, a Hugging Face GPT-2 directory, or a hub id (online)")
-    prompt: str = option("", "prompt text, or FILE:path to read it from a file; empty starts from <|endoftext|>")
-    num_samples: int = option(1, "samples per prompt")
-    max_new_tokens: int = option(256, "tokens to generate per sample (prompt + these must fit the context)")
-    temperature: float = option(0.8, "1 samples the model's distribution, lower is more conservative, 0 is greedy")
-    top_k: int | None = option(200, "sample from the k most likely tokens only (none: all)")
-    top_p: float | None = option(None, "nucleus sampling: the most likely tokens holding this probability (none: off)")
-    seed: int = option(1337, "random seed")
-    dtype: DType = option("float32", "compute dtype")
-    mesh: str | None = option(None, "device mesh DxM (data x model), e.g. 4x2; none: one device")
-    stop_at_eot: bool = option(True, "end a sample at <|endoftext|> (false: keep going to max_new_tokens)")
-    stream: bool = option(True, "print tokens as they come, one sample after another (false: one batch)")
-    interactive: bool = option(False, "read prompts from stdin, one per line, until end of input")
-
-    def __post_init__(self) -> None:
-        SamplingParams(self.temperature, self.top_k, self.top_p)  # fail before loading a model
-        if self.num_samples < 1:
-            raise UserError(f"num_samples must be >= 1, got {self.num_samples}")
-        if self.max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 def load_prompt(text: str) -> str:
