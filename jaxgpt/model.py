@@ -46,11 +46,7 @@ class CausalSelfAttention(nnx.Module):
         q, k, v = self.qkv(x)
         attn_key, resid_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         if attn_key is not None and self.dropout > 0:  # the fused kernels have no dropout on the weights
-            t = q.shape[1]
-            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
-            scores = mask_logits(scores, jnp.tril(jnp.ones((t, t), bool)))
-            weights = _dropout(jax.nn.softmax(scores, axis=-1), self.dropout, attn_key).astype(v.dtype)
-            y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+            y = explicit_attention(q, k, v, self.dropout, attn_key)
         else:
             y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
         return _dropout(self.c_proj(y), self.dropout, resid_key)
@@ -150,6 +146,15 @@ def resolve_attention(config: GPTConfig) -> str:
     if config.attention == "auto":
         return "cudnn" if supported else "xla"
     return config.attention
+
+
+def explicit_attention(q: Array, k: Array, v: Array, dropout: float, key: Array) -> Array:
+    """Causal softmax attention written out, with dropout on the weights (float32 scores and softmax)."""
+    t = q.shape[1]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+    scores = mask_logits(scores, jnp.tril(jnp.ones((t, t), bool)))
+    weights = _dropout(jax.nn.softmax(scores, axis=-1), dropout, key).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
 def mask_logits(logits: Array, keep: Array) -> Array:

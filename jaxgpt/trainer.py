@@ -262,14 +262,14 @@ def train(run_config: RunConfig) -> dict[str, Any]:
         say(f"--- sample at step {step} ---\n{sample_text(run, cfg.sample_tokens, cfg.seed + step)}\n---")
         return {}
 
-    # Each action runs every `interval` steps (0: only at the last step) and returns what it adds to the record.
-    actions: list[tuple[int, Callable[[int], dict[str, Any]]]] = [
-        (cfg.eval_interval, lambda step: {"val_loss": evaluate(run)}),
-        (cfg.sample_interval or cfg.eval_interval, print_sample),  # sample_interval 0: at each evaluation
+    # (every N steps, also at the last step?, action returning what it adds to the step's record)
+    actions: list[tuple[int, bool, Callable[[int], dict[str, Any]]]] = [
+        (cfg.eval_interval, True, lambda step: {"val_loss": evaluate(run)}),
+        (cfg.sample_interval or cfg.eval_interval, not cfg.sample_interval, print_sample),  # 0: at each evaluation
     ]
     if cfg.hellaswag_interval:
         items = _hellaswag_items(cfg)
-        actions.append((cfg.hellaswag_interval, lambda step: hellaswag_scores(run, items)))
+        actions.append((cfg.hellaswag_interval, True, lambda step: hellaswag_scores(run, items)))
 
     timer = StepTimer(run, start)
     record: dict[str, Any] = {}
@@ -283,7 +283,7 @@ def train(run_config: RunConfig) -> dict[str, Any]:
             if due(done, cfg.log_interval, last):
                 record.update(jax.device_get(step_metrics), **timer.rates(done))
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
-            other_work = [action for interval, action in actions if due(done, interval, last)]
+            other_work = [action for interval, at_end, action in actions if due(done, interval, last and at_end)]
             if record or other_work:
                 check_finite(run)
             for action in other_work:

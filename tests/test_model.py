@@ -14,7 +14,7 @@ from flax import nnx
 from jaxgpt.config import GPTConfig, preset
 from jaxgpt.errors import UserError
 from jaxgpt.losses import cross_entropy
-from jaxgpt.model import GPT, count_params, resolve_attention
+from jaxgpt.model import GPT, count_params, explicit_attention, resolve_attention
 
 TINY = GPTConfig(vocab_size=100, block_size=32, n_layer=2, n_head=4, n_embd=32)
 
@@ -77,10 +77,9 @@ def test_dropout_only_with_a_key():
 
 
 def test_explicit_attention_path_equals_fused_kernel():
-    attn = GPT(TINY, nnx.Rngs(0)).h[0].attn
     q, k, v = jax.random.normal(jax.random.key(3), (3, 2, 16, 4, 8))
     fused = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    explicit = attn._attention_with_dropout(q, k, v, jax.random.key(0))  # rate 0: no weights dropped
+    explicit = explicit_attention(q, k, v, 0.0, jax.random.key(0))  # rate 0: no weights dropped
     np.testing.assert_allclose(explicit, fused, atol=1e-5)
 
 
