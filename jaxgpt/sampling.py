@@ -195,6 +195,7 @@ def generate(
     key: Array | None = None,
     stop_at_eot: bool = True,
     on_token: Callable[[int, int], None] | None = None,
+    stop: Callable[[list[int]], bool] | None = None,
     mesh: Mesh | None = None,
     eot_id: int = EOT_ID,
 ) -> list[list[int]]:
@@ -202,7 +203,9 @@ def generate(
 
     An empty prompt starts from ``eot_id``. With ``stop_at_eot`` a row ends with its first end-of-text
     token (kept in its list) and generation stops once every row has ended. ``on_token(row, token)``
-    is called for every returned token as soon as it is known (streaming). ``key`` (default
+    is called for every returned token as soon as it is known (streaming). ``stop(tokens)`` ends a
+    row once it returns True for the row's new tokens so far (checked whenever the host reads
+    tokens, so a row may run a few tokens past the point: cut its text yourself). ``key`` (default
     ``jax.random.key(0)``) makes sampling reproducible. With a ``mesh`` (a model already placed by
     ``jaxgpt.sharding.shard_model``) the batch is split over ``data``, padded with dummy rows to fit.
     """
@@ -213,7 +216,8 @@ def generate(
     if mesh is not None and len(prompts) % data_axis_size(mesh):
         prompts += [prompts[-1]] * (data_axis_size(mesh) - len(prompts) % data_axis_size(mesh))
     key = jax.random.key(0) if key is None else key
-    read_every = 1 if on_token is not None else EOT_CHECK_EVERY if stop_at_eot else max_new_tokens
+    can_end = stop_at_eot or stop is not None
+    read_every = 1 if on_token is not None else EOT_CHECK_EVERY if can_end else max_new_tokens
     out: list[list[int]] = [[] for _ in range(batch)]
     ended = np.zeros(batch, bool)
     pending: list[Array] = []  # device arrays the host has not read yet
@@ -226,6 +230,8 @@ def generate(
                 if on_token is not None:
                     on_token(int(row), int(new[row]))
             ended[:] |= stop_at_eot & (new == eot_id)
+        for row in np.flatnonzero(~ended) if stop is not None else ():
+            ended[row] = stop(out[row])
 
     for i, token in enumerate(_token_steps(model, prompts, max_new_tokens, rule, key, mesh)):
         pending.append(token)

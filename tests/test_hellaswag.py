@@ -18,6 +18,7 @@ from jaxgpt.data.shards import write_shard
 from jaxgpt.errors import UserError
 from jaxgpt.eval import evaluate_hellaswag, load_hellaswag, score_endings
 from jaxgpt.eval import hellaswag as hs
+from jaxgpt.eval.scoring import SMALLEST_BUCKET
 from jaxgpt.loading import load_model
 from jaxgpt.sharding import make_mesh, shard_model
 
@@ -123,8 +124,8 @@ def test_long_rows_are_truncated_from_the_left(tmp_path, items_file):
 def test_no_recompilation_across_batches_and_calls(tiny, items_file):
     items = load_hellaswag(items_file)
     lengths = [max(len(r) - 1 for r, _ in rows) for rows in hs.render(items, tiny.model.config.block_size)]
-    items = [i for i, n in zip(items, lengths, strict=True) if n <= hs.SMALLEST_BUCKET]  # one length bucket
-    assert len({n for n in lengths if n <= hs.SMALLEST_BUCKET}) >= 4  # ...and different context lengths
+    items = [i for i, n in zip(items, lengths, strict=True) if n <= SMALLEST_BUCKET]  # one length bucket
+    assert len({n for n in lengths if n <= SMALLEST_BUCKET}) >= 4  # ...and different context lengths
     score_endings(tiny.model, items[:1], batch_size=1)  # compiles the one shape
     same_weights_again = load_model(tiny.dir)  # training rebuilds its model from the parameters at each call
     compiles = []

@@ -8,10 +8,10 @@ ending and we add up ``log p(token | all tokens before it)`` over the ending's t
 summed loss); ``acc_norm`` the largest mean per token (its ``pred_norm``: argmin of the
 average loss). Ties go to the first ending, as with torch's argmin.
 
-Fixed shapes, so no compilation per item: items are sorted by length and scored
-``batch_size`` at a time (4 rows each); each batch is padded to the first of a few lengths
-(64, 96, 128, 192, 256, ... and block_size) that holds it, and the last batch is padded with empty
-items. A run compiles at most one shape per length, once per model.
+Fixed shapes, so no compilation per item: the rows (4 per item) are sorted by length and scored
+``4 * batch_size`` at a time by :func:`jaxgpt.eval.scoring.score_rows`; each batch is padded to the
+first of a few lengths (64, 96, 128, 192, 256, ... and block_size) that holds it, and the last batch
+is padded with empty rows. A run compiles at most one shape per length, once per model.
 
 Long items: a row longer than ``block_size + 1`` tokens keeps its last ``block_size + 1``
 (the model reads all but the last), so the context is truncated from the left. If an
@@ -33,10 +33,9 @@ from typing import NamedTuple
 
 import numpy as np
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
 from jaxgpt.errors import UserError
-from jaxgpt.eval.scoring import RowScorer, pack_rows
+from jaxgpt.eval.scoring import RowScorer, score_rows
 from jaxgpt.model import GPT
 from jaxgpt.sharding import data_axis_size
 from jaxgpt.tokenizer import get_tokenizer
@@ -44,7 +43,6 @@ from jaxgpt.tokenizer import get_tokenizer
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 HELLASWAG_VAL_ITEMS = 10042
 N_ENDINGS = 4
-SMALLEST_BUCKET = 64
 DEFAULT_BATCH_ITEMS = 8
 
 
@@ -151,19 +149,6 @@ def load_hellaswag(path: str | os.PathLike | None = None) -> list[HellaSwagItem]
 # ----------------------------------------------------------------------------- scoring
 
 
-def length_buckets(block_size: int) -> list[int]:
-    """The padded input lengths: 64, 96, 128, 192, 256, ... below block_size, then block_size.
-
-    Steps of 1.5x and 2x alternate, so padding wastes at most a third of a batch's compute
-    while a run compiles only a few shapes (HellaSwag's rows fit in 64 to 256 tokens).
-    """
-    buckets, length = [], SMALLEST_BUCKET
-    while length < block_size:
-        buckets += [length, length * 3 // 2]
-        length *= 2
-    return [b for b in buckets if b < block_size] + [block_size]
-
-
 def render(items: Sequence[HellaSwagItem], block_size: int) -> tuple[tuple[tuple[np.ndarray, int], ...], ...]:
     """Per item, its 4 rows: (context + ending tokens, left-truncated; how many ending tokens are scored).
 
@@ -214,24 +199,11 @@ def score_endings(
         raise UserError(f"batch_size must be positive, got {batch_size}")
     scorer = RowScorer(model, mesh)
     scorer.check_rows(N_ENDINGS * batch_size, f"HellaSwag rows per batch ({N_ENDINGS} x batch_size)")
-    block_size = model.config.block_size
-    rendered = render(items, block_size)
-    lengths = [max(len(row) - 1 for row, _ in rows) for rows in rendered]
-    buckets = length_buckets(block_size)
-    sums = np.zeros((len(items), N_ENDINGS))
-    counts = np.zeros((len(items), N_ENDINGS), np.int64)
-    order = np.argsort(lengths, kind="stable")  # similar lengths together: less padding
-    bar = tqdm(total=len(items), desc="hellaswag", unit="item", disable=not progress)
-    for first in range(0, len(items), batch_size):
-        batch = order[first : first + batch_size]
-        length = next(b for b in buckets if b >= max(lengths[i] for i in batch))
-        rows = [row for i in batch for row in rendered[i]]
-        inputs, targets, weights = pack_rows([r for r, _ in rows], [n for _, n in rows], N_ENDINGS * batch_size, length)
-        row_sums = scorer(inputs, targets, weights)[: len(rows)]
-        sums[batch] = row_sums.reshape(len(batch), N_ENDINGS)
-        counts[batch] = np.asarray([n for _, n in rows]).reshape(len(batch), N_ENDINGS)
-        bar.update(len(batch))
-    bar.close()
+    rows = [row for item_rows in render(items, model.config.block_size) for row in item_rows]
+    tokens, n_scored = [row for row, _ in rows], [n for _, n in rows]
+    scores = score_rows(scorer, tokens, n_scored, N_ENDINGS * batch_size, desc="hellaswag", progress=progress)
+    sums = scores.log_likelihood.reshape(len(items), N_ENDINGS)
+    counts = np.asarray(n_scored).reshape(len(items), N_ENDINGS)
     return EndingScores(sum_logprob=sums, mean_logprob=sums / counts, num_tokens=counts)
 
 

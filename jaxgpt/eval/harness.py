@@ -1,0 +1,196 @@
+"""EleutherAI's lm-evaluation-harness on jaxgpt: an ``LM`` registered as model ``jaxgpt``.
+
+    python -m jaxgpt.eval.harness --init_from out/run --tasks hellaswag,arc_easy,lambada_openai
+
+or, after ``import jaxgpt.eval.harness``, ``lm_eval.simple_evaluate(model="jaxgpt",
+model_args="init_from=out/run,dtype=bfloat16,batch_size=32", tasks=[...])``.
+
+Requests are answered with jaxgpt's own compiled paths: ``loglikelihood`` (and the windows
+of ``loglikelihood_rolling``) go through :func:`jaxgpt.eval.scoring.score_rows`, fixed-shape
+batches padded to a few length buckets; ``generate_until`` through
+:func:`jaxgpt.sampling.generate`, the KV-cache decoder. Both split the batch over the ``data``
+axis of ``mesh`` and the model over ``model``. Tokenisation, the context/continuation split,
+rolling windows, stop sequences and generation kwargs are lm-eval's own code (``TemplateLM``
+and its utils), so the answers are those of lm-eval's ``hf`` model on the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm.auto import tqdm
+
+from jaxgpt.errors import UserError
+from jaxgpt.eval.scoring import RowScorer, score_rows
+from jaxgpt.loading import load_model
+from jaxgpt.sampling import generate
+from jaxgpt.sharding import make_mesh, shard_model
+from jaxgpt.tokenizer import get_tokenizer
+
+MODEL_NAME = "jaxgpt"
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_MAX_GEN_TOKS = 256  # as lm-eval's hf model
+SAMPLING_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p")
+LOG = logging.getLogger(__name__)
+
+# (context, continuation) strings or None, context tokens, continuation tokens: TemplateLM's request form
+TokenRequest = tuple[tuple[str, str] | None, list[int], list[int]]
+LogLikelihood = tuple[float, bool]  # log p(continuation | context), is it the greedy continuation
+
+
+def parse_batch_size(value: int | str) -> int:
+    """lm-eval passes the batch size as given on its command line; jaxgpt compiles one fixed size."""
+    if isinstance(value, str) and not value.isdigit():
+        raise UserError(f"batch_size {value!r}: jaxgpt compiles fixed shapes, give a number (e.g. 32)")
+    if int(value) < 1:
+        raise UserError(f"batch_size must be positive, got {value}")
+    return int(value)
+
+
+@register_model(MODEL_NAME)
+class JaxGPTLM(TemplateLM):
+    """A jaxgpt checkpoint, Hugging Face GPT-2 directory or hub id, evaluated by lm-eval.
+
+    ``batch_size`` rows per compiled call (split over the mesh's data axis); ``mesh`` DxM as
+    everywhere in jaxgpt (default: every device on data). ``device`` and ``max_batch_size``,
+    which lm-eval passes to every model, are not used: the mesh places the model.
+    """
+
+    def __init__(
+        self,
+        init_from: str = "gpt2",
+        dtype: str = "float32",
+        batch_size: int | str = DEFAULT_BATCH_SIZE,
+        mesh: str | None = None,
+        max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+        seed: int = 1234,
+        **lm_eval_kwargs: Any,
+    ):
+        super().__init__()
+        unknown = set(lm_eval_kwargs) - {"device", "max_batch_size"}
+        if unknown:
+            raise UserError(f"unknown jaxgpt model_args {sorted(unknown)}; known: init_from, dtype, batch_size, mesh")
+        self.batch_size = parse_batch_size(batch_size)
+        self.mesh = make_mesh(None if mesh is None else str(mesh))
+        self.model = shard_model(load_model(str(init_from), dtype=dtype), self.mesh)
+        self.scorer = RowScorer(self.model, self.mesh)
+        self.scorer.check_rows(self.batch_size, "batch_size")
+        self.bpe = get_tokenizer()
+        self.max_length = self.model.config.block_size
+        self.max_gen_toks = int(max_gen_toks)
+        self.key = jax.random.key(int(seed))
+        self.batch_sizes: dict[int, int] = {}  # lm-eval records these in its results (auto batch sizes)
+
+    # ------------------------------------------------------------------ tokens
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.bpe.eot_id
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        """GPT-2 BPE; ``<|endoftext|>`` in the text is the special token, as in Hugging Face's tokenizer."""
+        return self.bpe.encode(string, allow_eot=True)
+
+    def tok_decode(self, tokens: Sequence[int]) -> str:
+        """Text of ``tokens`` without the end-of-text token (Hugging Face's ``skip_special_tokens``)."""
+        return self.bpe.decode([t for t in tokens if t != self.eot_token_id])
+
+    def get_model_info(self) -> dict:
+        n_params = sum(x.size for x in jax.tree.leaves(nnx.state(self.model, nnx.Param)))
+        return {"model_num_parameters": n_params, **self.model.config.to_dict()}
+
+    # ------------------------------------------------------------------ scoring
+
+    def _loglikelihood_tokens(
+        self, requests: list[TokenRequest], disable_tqdm: bool = False
+    ) -> list[tuple[float, bool]]:
+        """(log p(continuation | context), is it the greedy continuation) per request.
+
+        As lm-eval's hf model: context + continuation keeps its last ``block_size + 1`` tokens.
+        """
+        too_long = [len(cont) for _, _, cont in requests if len(cont) > self.max_length]
+        if too_long:
+            raise UserError(f"a continuation of {max(too_long)} tokens exceeds the context of {self.max_length}")
+        rows = [(context + cont)[-(self.max_length + 1) :] for _, context, cont in requests]
+        scores = score_rows(
+            self.scorer, rows, [len(cont) for _, _, cont in requests], self.batch_size,
+            desc="loglikelihood", progress=not disable_tqdm,
+        )  # fmt: skip
+        answers = list(zip(scores.log_likelihood.tolist(), scores.is_greedy.tolist(), strict=True))
+        for (strings, _, _), answer in zip(requests, answers, strict=True):
+            if strings is not None:  # rolling windows are cached per document instead
+                self.cache_hook.add_partial("loglikelihood", strings, answer)
+        return answers
+
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of whole documents in disjoint windows of the model's context (lm-eval's windows)."""
+        windows, owners = [], []
+        for i, (string,) in enumerate(request.args for request in requests):
+            token_windows = get_rolling_token_windows(
+                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1,
+            )  # fmt: skip
+            for context, continuation in map(make_disjoint_window, token_windows):
+                windows.append((None, context, continuation))
+                owners.append(i)
+        log_likelihoods = np.zeros(len(requests))
+        answers = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        np.add.at(log_likelihoods, owners, [ll for ll, _ in answers])
+        for request, total in zip(requests, log_likelihoods.tolist(), strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return log_likelihoods.tolist()
+
+    # ------------------------------------------------------------------ generation
+
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        """Continuations of each context until a stop sequence, end-of-text or ``max_gen_toks`` tokens."""
+        groups: dict[str, list[int]] = {}  # requests with the same generation kwargs run together
+        for i, request in enumerate(requests):
+            groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
+        out = [""] * len(requests)
+        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm)
+        for indices in groups.values():
+            contexts = [requests[i].args[0] for i in indices]
+            for i, text in zip(indices, self._generate_group(contexts, requests[indices[0]].args[1]), strict=True):
+                out[i] = text
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)
+            bar.update(len(indices))
+        bar.close()
+        return out
+
+    def _generate_group(self, contexts: list[str], gen_kwargs: dict) -> list[str]:
+        kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+        ignored = sorted(set(kwargs) - set(SAMPLING_KWARGS))
+        if ignored:
+            LOG.warning("jaxgpt ignores the generation kwargs %s", ignored)
+        until = handle_stop_sequences(kwargs["until"], eos=self.bpe.decode([self.eot_token_id]))
+        max_new = kwargs["max_gen_toks"]
+        if max_new >= self.max_length:
+            raise UserError(f"max_gen_toks={max_new} leaves no room for a prompt in a context of {self.max_length}")
+        prompts = [self.tok_encode(context)[-(self.max_length - max_new) :] for context in contexts]
+        stopped = lambda tokens: any(s and s in self.tok_decode(tokens) for s in until)
+        order = np.argsort([-len(p) for p in prompts], kind="stable")  # similar lengths share a batch
+        texts = [""] * len(prompts)
+        for first in range(0, len(prompts), self.batch_size):
+            batch = order[first : first + self.batch_size]
+            batch_prompts = [prompts[i] for i in batch]
+            batch_prompts += [batch_prompts[-1]] * (self.batch_size - len(batch))  # one compiled batch shape
+            self.key, key = jax.random.split(self.key)
+            new_tokens = generate(
+                self.model, batch_prompts, max_new, temperature=kwargs["temperature"], top_k=kwargs.get("top_k"),
+                top_p=kwargs.get("top_p"), key=key, stop=stopped, mesh=self.mesh, eot_id=self.eot_token_id,
+            )  # fmt: skip
+            for i, tokens in zip(batch, new_tokens, strict=False):
+                texts[i] = postprocess_generated_text(self.tok_decode(tokens), until, think_end_token=None)
+        return texts
