@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 
 import jax
@@ -11,15 +13,16 @@ import pytest
 from flax import nnx
 
 pytest.importorskip("lm_eval")
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.api.registry import get_model  # noqa: E402
+from lm_eval.api.instance import Instance
+from lm_eval.api.registry import get_model
 
-from jaxgpt.config import GPTConfig  # noqa: E402
-from jaxgpt.convert import save_hf_gpt2  # noqa: E402
-from jaxgpt.errors import UserError  # noqa: E402
-from jaxgpt.eval.harness import JaxGPTLM  # noqa: E402
-from jaxgpt.eval.hellaswag import HellaSwagItem, score_endings  # noqa: E402
-from jaxgpt.model import GPT  # noqa: E402
+from jaxgpt.config import GPTConfig
+from jaxgpt.convert import save_hf_gpt2
+from jaxgpt.errors import UserError
+from jaxgpt.eval import harness
+from jaxgpt.eval.harness import JaxGPTLM
+from jaxgpt.eval.hellaswag import HellaSwagItem, score_endings
+from jaxgpt.model import GPT
 
 BLOCK_SIZE = 64
 SENTENCES = [
@@ -58,7 +61,9 @@ def jaxgpt_lm(model_dir) -> JaxGPTLM:
 @pytest.fixture(scope="module")
 def hf_lm(model_dir):
     os.environ["HF_HUB_OFFLINE"] = "1"
-    return get_model("hf").create_from_arg_string(f"pretrained={model_dir},dtype=float32", {"batch_size": 4})
+    return get_model("hf").create_from_arg_string(
+        f"pretrained={model_dir},dtype=float32", {"batch_size": 4, "device": "cpu"}
+    )
 
 
 def requests(kind: str, arguments: list[tuple]) -> list[Instance]:
@@ -93,7 +98,7 @@ def test_loglikelihood_rolling_matches_hf(jaxgpt_lm, hf_lm):
     docs = [(LONG_TEXT,), (SENTENCES[0],), (SENTENCES[2],)]
     ours = jaxgpt_lm.loglikelihood_rolling(requests("loglikelihood_rolling", docs), disable_tqdm=True)
     theirs = hf_lm.loglikelihood_rolling(requests("loglikelihood_rolling", docs), disable_tqdm=True)
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-7, atol=1e-4)  # float32 sums over ~200 tokens of ~-30
 
 
 def test_generate_until_matches_hf_greedy(jaxgpt_lm, hf_lm):
@@ -110,12 +115,8 @@ def test_generate_until_matches_hf_greedy(jaxgpt_lm, hf_lm):
 
 
 def test_hellaswag_choice_equals_jaxgpt_hellaswag(jaxgpt_lm):
-    items = [
-        HellaSwagItem(0, "A woman stands at a kitchen sink. She", ("scrubs a plate.", "throws it.", "sings.", "is."), 0),
-        HellaSwagItem(1, "A boy pushes his bike up a hill. He", ("rides down.", "eats it.", "paints it.", "sleeps."), 0),
-        HellaSwagItem(2, "Snow covers the driveway. A man", ("clears it.", "swims.", "calls a friend.", "builds."), 0),
-    ]  # fmt: skip
-    reference = score_endings(jaxgpt_lm.model, items)
+    items = HELLASWAG_STYLE
+    reference = score_endings(jaxgpt_lm.model, items, batch_size=2)  # 8 rows: the compiled shape of the requests
     args = [(item.ctx, " " + ending) for item in items for ending in item.endings]
     ours = jaxgpt_lm.loglikelihood(requests("loglikelihood", args), disable_tqdm=True)
     sums = np.asarray([ll for ll, _ in ours]).reshape(len(items), 4)
@@ -132,3 +133,69 @@ def test_sharded_mesh_gives_the_same_answers(jaxgpt_lm, model_dir):
         JaxGPTLM(init_from=str(model_dir), batch_size=3, mesh="4x2")
     with pytest.raises(UserError, match="fixed shapes"):
         JaxGPTLM(init_from=str(model_dir), batch_size="auto")
+
+
+HELLASWAG_STYLE = [
+    HellaSwagItem(0, "A woman stands at a kitchen sink. She", ("scrubs a plate.", "throws it.", "sings.", "is."), 0),
+    HellaSwagItem(1, "A boy pushes his bike up a hill. He", ("rides down.", "eats it.", "paints it.", "sleeps."), 1),
+    HellaSwagItem(2, "Snow covers the driveway. A man", ("clears it.", "swims.", "calls a friend.", "builds."), 2),
+    HellaSwagItem(3, "The band walks onto the stage. The drummer", ("counts in.", "leaves.", "sits.", "eats."), 3),
+]  # fmt: skip
+
+
+def write_local_task(path: Path, items: list[HellaSwagItem]) -> Path:
+    """An lm-eval multiple-choice task over a local jsonl: lm-eval's own pipeline, offline."""
+    path.mkdir()
+    data = path / "items.jsonl"
+    data.write_text(
+        "".join(json.dumps({"ctx": i.ctx, "endings": list(i.endings), "label": i.label}) + "\n" for i in items)
+    )
+    (path / "tiny_choice.yaml").write_text(
+        "task: tiny_choice\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    validation: {data}\n  cache_dir: {path / 'cache'}\n"
+        "validation_split: validation\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{ctx}}"\ndoc_to_choice: "{{endings}}"\ndoc_to_target: "{{label}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return path
+
+
+def test_simple_evaluate_runs_an_lm_eval_task_on_the_registered_model(model_dir, jaxgpt_lm, tmp_path, monkeypatch):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tasks = TaskManager(include_path=str(write_local_task(tmp_path / "tasks", HELLASWAG_STYLE)), include_defaults=False)
+    results = simple_evaluate(
+        model="jaxgpt", model_args=f"init_from={model_dir},batch_size=8", tasks=["tiny_choice"], task_manager=tasks
+    )
+    scores = score_endings(jaxgpt_lm.model, HELLASWAG_STYLE, batch_size=2)
+    expected = np.mean(scores.sum_logprob.argmax(axis=1) == [item.label for item in HELLASWAG_STYLE])
+    assert results["results"]["tiny_choice"]["acc,none"] == expected
+
+
+def test_cli_hands_lm_eval_its_run_command(monkeypatch):
+    from lm_eval._cli.harness import HarnessCLI
+
+    seen = []
+    monkeypatch.setattr(harness, "cli_evaluate", lambda: seen.append(list(sys.argv)))
+    harness.main(["--init_from", "out/run", "--mesh", "4x2", "--tasks", "arc_easy,hellaswag", "--limit", "5"])
+    (argv,) = seen
+    args = HarnessCLI()._parser.parse_args(argv[1:])  # lm-eval's own parser accepts it
+    assert (args.model, args.tasks, args.limit, args.batch_size) == ("jaxgpt", ["arc_easy", "hellaswag"], 5, "32")
+    expected = {"init_from": "out/run", "dtype": "float32", "max_gen_toks": 256, "mesh": "4x2"}
+    assert args.model_args == expected
+    assert sys.argv[0] != "lm-eval"  # restored
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--init_from", "x"], "no tasks"),
+        (["--tasks", "hellaswag", "--model", "hf"], "the model is jaxgpt"),
+        (["--tasks", "hellaswag", "--init_from", "a,b"], "comma"),
+    ],
+)
+def test_cli_bad_input_is_a_user_error(args, message):
+    with pytest.raises(UserError, match=message):
+        harness.main(args)

@@ -16,14 +16,18 @@ and its utils), so the answers are those of lm-eval's ``hf`` model on the same w
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import logging
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
+from lm_eval.__main__ import cli_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -31,6 +35,8 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
+from jaxgpt.cli import add_dataclass_arguments, build, option, run
+from jaxgpt.config import DType
 from jaxgpt.errors import UserError
 from jaxgpt.eval.scoring import RowScorer, score_rows
 from jaxgpt.loading import load_model
@@ -43,6 +49,7 @@ DEFAULT_BATCH_SIZE = 32
 DEFAULT_MAX_GEN_TOKS = 256  # as lm-eval's hf model
 SAMPLING_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p")
 LOG = logging.getLogger(__name__)
+LM_EVAL_OWN_FLAGS = ("--model", "-M", "--model_args", "-a")
 
 # (context, continuation) strings or None, context tokens, continuation tokens: TemplateLM's request form
 TokenRequest = tuple[tuple[str, str] | None, list[int], list[int]]
@@ -176,6 +183,7 @@ class JaxGPTLM(TemplateLM):
             LOG.warning("jaxgpt ignores the generation kwargs %s", ignored)
         until = handle_stop_sequences(kwargs["until"], eos=self.bpe.decode([self.eot_token_id]))
         max_new = kwargs["max_gen_toks"]
+        temperature = float(kwargs.get("temperature", 1.0)) if kwargs["do_sample"] else 0.0  # as transformers
         if max_new >= self.max_length:
             raise UserError(f"max_gen_toks={max_new} leaves no room for a prompt in a context of {self.max_length}")
         prompts = [self.tok_encode(context)[-(self.max_length - max_new) :] for context in contexts]
@@ -188,9 +196,56 @@ class JaxGPTLM(TemplateLM):
             batch_prompts += [batch_prompts[-1]] * (self.batch_size - len(batch))  # one compiled batch shape
             self.key, key = jax.random.split(self.key)
             new_tokens = generate(
-                self.model, batch_prompts, max_new, temperature=kwargs["temperature"], top_k=kwargs.get("top_k"),
+                self.model, batch_prompts, max_new, temperature=temperature, top_k=kwargs.get("top_k"),
                 top_p=kwargs.get("top_p"), key=key, stop=stopped, mesh=self.mesh, eot_id=self.eot_token_id,
             )  # fmt: skip
             for i, tokens in zip(batch, new_tokens, strict=False):
                 texts[i] = postprocess_generated_text(self.tok_decode(tokens), until, think_end_token=None)
         return texts
+
+
+# ---------------------------------------------------------------------- command line
+
+
+@dataclasses.dataclass(frozen=True)
+class HarnessConfig:
+    """Run lm-evaluation-harness tasks on a jaxgpt model; every other flag is lm-eval's (lm-eval run --help)."""
+
+    init_from: str = option("gpt2", "training checkpoint directory, Hugging Face GPT-2 directory or hub id")
+    mesh: str | None = option(None, "device mesh DxM (data x model); default: every device on data")
+    dtype: DType = option("float32", "compute dtype of the model")
+    batch_size: int = option(DEFAULT_BATCH_SIZE, "rows per compiled call, split over the mesh's data axis")
+    max_gen_toks: int = option(DEFAULT_MAX_GEN_TOKS, "new tokens per generation unless the task sets its own")
+
+
+def lm_eval_argv(config: HarnessConfig, rest: Sequence[str]) -> list[str]:
+    """``lm-eval run`` arguments: model ``jaxgpt`` with ``config`` as its model_args, then the user's flags."""
+    clash = [flag for flag in rest if flag.split("=")[0] in LM_EVAL_OWN_FLAGS]
+    if clash:
+        raise UserError(f"{clash[0]}: the model is jaxgpt, set by --init_from, --dtype, --mesh and --max_gen_toks")
+    if "," in config.init_from:
+        raise UserError(f"--init_from {config.init_from}: lm-eval's model_args cannot hold a path with a comma")
+    model_args = f"init_from={config.init_from},dtype={config.dtype},max_gen_toks={config.max_gen_toks}"
+    model_args += f",mesh={config.mesh}" if config.mesh else ""
+    return ["run", "--model", MODEL_NAME, "--model_args", model_args, "--batch_size", str(config.batch_size), *rest]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxgpt.eval.harness",
+        description=HarnessConfig.__doc__,
+        epilog="lm-eval's flags: --tasks, --num_fewshot, --limit, --output_path, --log_samples, --include_path, ...",
+    )
+    add_dataclass_arguments(parser, HarnessConfig)
+    known, rest = parser.parse_known_args(argv)
+    if "--tasks" not in rest and "-t" not in rest and not any(arg.startswith("--tasks=") for arg in rest):
+        raise UserError("no tasks: pass --tasks, e.g. --tasks hellaswag,arc_easy,lambada_openai")
+    saved, sys.argv = sys.argv, ["lm-eval", *lm_eval_argv(build(HarnessConfig, known), rest)]
+    try:  # lm-eval's own command line: its output and result files, its table
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+
+
+if __name__ == "__main__":
+    run(main)
