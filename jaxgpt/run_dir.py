@@ -29,12 +29,21 @@ def is_run_dir(path: str | os.PathLike) -> bool:
 
 
 def write_run_file(out_dir: str | os.PathLike, model: GPTConfig, train: dict[str, Any] | None = None) -> None:
-    """Writes the run description atomically (temporary file, rename)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps({"format": 1, "model": model.to_dict(), "train": train or {}}, indent=2))
-    os.replace(tmp, out / RUN_FILE)
+    """Writes the run description."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    _write_atomically(out_dir, {"format": 1, "model": model.to_dict(), "train": train or {}})
+
+
+def update_run_file(out_dir: str | os.PathLike, **fields: Any) -> None:
+    """Sets top-level fields of the run file, e.g. the id of the run's W&B run."""
+    _write_atomically(out_dir, read_run_file(out_dir) | fields)
+
+
+def _write_atomically(out_dir: str | os.PathLike, description: dict[str, Any]) -> None:
+    """A temporary file, then a rename: a crash never leaves half a run file."""
+    tmp = Path(out_dir) / (RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps(description, indent=2))
+    os.replace(tmp, Path(out_dir) / RUN_FILE)
 
 
 def read_run_file(out_dir: str | os.PathLike) -> dict[str, Any]:

@@ -14,6 +14,8 @@ from jaxgpt.cli import build, parser_for
 from jaxgpt.config import GPTConfig, preset
 from jaxgpt.errors import UserError
 from jaxgpt.options import option
+from jaxgpt.profiling import parse_profile_steps
+from jaxgpt.tracking import check_tracker_installed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,9 @@ class TrainConfig:
     seed: int = option(1337, "seed for initialisation, data order and dropout")
     data_workers: int = option(0, "threads reading batches ahead (0: read each batch when it is asked for)")
     peak_flops: float | None = option(None, "peak FLOP/s per device for MFU (default: looked up by device kind)")
+    tensorboard: bool = option(False, "also log metrics and samples as TensorBoard events in out_dir/tb")
+    wandb_project: str | None = option(None, "also log metrics, samples and configs to this Weights & Biases project")
+    profile_steps: str | None = option(None, "START:STOP: JAX profiler trace of these steps in out_dir/profile")
 
     def __post_init__(self) -> None:
         positive = ("max_steps", "batch_size", "grad_accum", "log_interval", "eval_iters", "save_interval")
@@ -61,6 +66,8 @@ class TrainConfig:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.min_lr <= self.lr:
             raise UserError(f"need 0 <= --min_lr <= --lr, got min_lr={self.min_lr} lr={self.lr}")
+        parse_profile_steps(self.profile_steps)
+        check_tracker_installed(tensorboard=self.tensorboard, wandb_project=self.wandb_project)
 
     @property
     def decay_steps(self) -> int:

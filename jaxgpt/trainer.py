@@ -31,10 +31,12 @@ from jaxgpt.loading import load_model
 from jaxgpt.model import GPT, non_embedding_params
 from jaxgpt.optim import learning_rate_schedule, make_optimizer
 from jaxgpt.params import ParamCodec
+from jaxgpt.profiling import StepProfiler, parse_profile_steps
 from jaxgpt.run_dir import MetricsWriter, read_run_file, write_run_file
 from jaxgpt.sampling import generate
 from jaxgpt.sharding import accumulated_batch_sharding, check_batch_divisible, make_mesh
 from jaxgpt.tokenizer import EOT_ID, get_tokenizer
+from jaxgpt.tracking import open_trackers
 from jaxgpt.train_config import SHAPE_FIELDS, RunConfig, TrainConfig
 from jaxgpt.train_state import TrainState, init_train_state
 from jaxgpt.train_step import jit_train_step, make_train_step, train_state_shardings
@@ -255,11 +257,23 @@ def train(run_config: RunConfig) -> dict[str, Any]:
     writer = MetricsWriter(cfg.out_dir, enabled=is_main)
     start = int(run.state.step)
     writer.truncate_after(start)
+    configs = {"model": run.model_config.to_dict(), "train": cfg.to_dict()}
+    try:
+        trackers = open_trackers(
+            cfg.out_dir, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project, configs=configs,
+            start_step=start, enabled=is_main,
+        )  # fmt: skip
+    except BaseException:
+        run.checkpointer.close()
+        raise
+    profiler = StepProfiler(parse_profile_steps(cfg.profile_steps), cfg.out_dir, enabled=is_main)
     say = tqdm.write if is_main else lambda _: None
     say(describe(run))
 
     def print_sample(step: int) -> dict[str, Any]:
-        say(f"--- sample at step {step} ---\n{sample_text(run, cfg.sample_tokens, cfg.seed + step)}\n---")
+        text = sample_text(run, cfg.sample_tokens, cfg.seed + step)
+        say(f"--- sample at step {step} ---\n{text}\n---")
+        trackers.log_text(step, "sample", text)
         return {}
 
     # (every N steps, also at the last step?, action returning what it adds to the step's record)
@@ -276,7 +290,9 @@ def train(run_config: RunConfig) -> dict[str, Any]:
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not is_main, unit="step", dynamic_ncols=True)
     try:
         for step in range(start, cfg.max_steps):
-            run.state, step_metrics = run.step_fn(run.state, next_batch(run))
+            with profiler.step(step):
+                run.state, step_metrics = run.step_fn(run.state, next_batch(run))
+            profiler.step_done(step, run.state)
             done, last = step + 1, step + 1 == cfg.max_steps
             bar.update(1)
             record = {}
@@ -291,6 +307,7 @@ def train(run_config: RunConfig) -> dict[str, Any]:
             if record:
                 record["step"] = done
                 writer.write(record)
+                trackers.log(record)
                 say(format_record(record, cfg.max_steps))
             if due(done, cfg.save_interval, last):
                 save(run, record.get("val_loss"))
@@ -300,6 +317,8 @@ def train(run_config: RunConfig) -> dict[str, Any]:
                 timer.reset(done)
     finally:
         bar.close()
+        profiler.stop()
+        trackers.close()
         run.checkpointer.close()  # waits for the last asynchronous save: never exit with half a checkpoint
     return record
 

@@ -16,7 +16,6 @@ and its utils), so the answers are those of lm-eval's ``hf`` model on the same w
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -35,11 +34,12 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from jaxgpt.cli import add_dataclass_arguments, build, option, run
+from jaxgpt.cli import build, parser_for, run
 from jaxgpt.config import DType
 from jaxgpt.errors import UserError
 from jaxgpt.eval.scoring import RowScorer, score_rows
 from jaxgpt.loading import load_model
+from jaxgpt.options import option
 from jaxgpt.sampling import generate
 from jaxgpt.sharding import make_mesh, shard_model
 from jaxgpt.tokenizer import get_tokenizer
@@ -231,12 +231,8 @@ def lm_eval_argv(config: HarnessConfig, rest: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m jaxgpt.eval.harness",
-        description=HarnessConfig.__doc__,
-        epilog="lm-eval's flags: --tasks, --num_fewshot, --limit, --output_path, --log_samples, --include_path, ...",
-    )
-    add_dataclass_arguments(parser, HarnessConfig)
+    parser = parser_for("python -m jaxgpt.eval.harness", HarnessConfig.__doc__, (HarnessConfig, None))
+    parser.epilog = "lm-eval's flags: --tasks, --num_fewshot, --limit, --output_path, --log_samples, ..."
     known, rest = parser.parse_known_args(argv)
     if "--tasks" not in rest and "-t" not in rest and not any(arg.startswith("--tasks=") for arg in rest):
         raise UserError("no tasks: pass --tasks, e.g. --tasks hellaswag,arc_easy,lambada_openai")
