@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import struct
 from pathlib import Path
@@ -164,7 +165,9 @@ def test_training_logs_tensorboard_and_writes_a_profile(tmp_path):
     traces = list((out_dir / PROFILE_DIR).rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
     (perfetto,) = (out_dir / PROFILE_DIR).rglob("perfetto_trace.json.gz")
-    assert perfetto.stat().st_size > 0
+    events = json.loads(gzip.decompress(perfetto.read_bytes()))["traceEvents"]
+    annotated = {event["args"]["step_num"] for event in events if "step_num" in event.get("args", {})}
+    assert annotated == {"2", "3"}  # one StepTraceAnnotation per traced step
 
 
 @pytest.mark.parametrize("spec", ["10", "5:5", "a:b", "-1:3", "4:2"])
