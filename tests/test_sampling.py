@@ -200,6 +200,14 @@ def test_stop_at_eot_truncates_each_row_and_streams_what_it_returns(model):
     assert len(out[1]) == full[1].index(eot) + 1 < 12
 
 
+def test_stop_ends_a_row_early_keeping_a_prefix_of_its_tokens(model):
+    sample = lambda **kw: generate(model, PROMPTS, 40, top_k=100, key=jax.random.key(5), stop_at_eot=False, **kw)
+    full = sample()
+    out = sample(stop=lambda tokens: len(tokens) >= 3 and tokens[0] == full[0][0])  # row 0 stops, the others run
+    assert 3 <= len(out[0]) < 40 and out[0] == full[0][: len(out[0])]  # read every 8 tokens: ends within 8
+    assert out[1:] == full[1:]
+
+
 @pytest.mark.filterwarnings("ignore:dimension .vocab.:UserWarning")  # 50257 rows do not split 2 ways
 def test_sharded_generation_matches_single_device():
     mesh = make_mesh("4x2")  # 8 fake CPU devices (conftest); 3 prompts are padded to 4 rows
