@@ -116,7 +116,8 @@ def test_generate_until_matches_hf_greedy(jaxgpt_lm, hf_lm):
 
 def test_hellaswag_choice_equals_jaxgpt_hellaswag(jaxgpt_lm):
     items = HELLASWAG_STYLE
-    reference = score_endings(jaxgpt_lm.model, items, batch_size=2)  # 8 rows: the compiled shape of the requests
+    # 8 rows on the adapter's mesh: the shape the requests compiled, nothing compiles again
+    reference = score_endings(jaxgpt_lm.model, items, batch_size=2, mesh=jaxgpt_lm.mesh)
     args = [(item.ctx, " " + ending) for item in items for ending in item.endings]
     ours = jaxgpt_lm.loglikelihood(requests("loglikelihood", args), disable_tqdm=True)
     sums = np.asarray([ll for ll, _ in ours]).reshape(len(items), 4)
@@ -169,7 +170,7 @@ def test_simple_evaluate_runs_an_lm_eval_task_on_the_registered_model(model_dir,
     results = simple_evaluate(
         model="jaxgpt", model_args=f"init_from={model_dir},batch_size=8", tasks=["tiny_choice"], task_manager=tasks
     )
-    scores = score_endings(jaxgpt_lm.model, HELLASWAG_STYLE, batch_size=2)
+    scores = score_endings(jaxgpt_lm.model, HELLASWAG_STYLE, batch_size=2, mesh=jaxgpt_lm.mesh)
     expected = np.mean(scores.sum_logprob.argmax(axis=1) == [item.label for item in HELLASWAG_STYLE])
     assert results["results"]["tiny_choice"]["acc,none"] == expected
 

@@ -87,7 +87,8 @@ class JaxGPTLM(TemplateLM):
         super().__init__()
         unknown = set(lm_eval_kwargs) - {"device", "max_batch_size"}
         if unknown:
-            raise UserError(f"unknown jaxgpt model_args {sorted(unknown)}; known: init_from, dtype, batch_size, mesh")
+            known = "init_from, dtype, batch_size, mesh, max_gen_toks, seed"
+            raise UserError(f"unknown jaxgpt model_args {sorted(unknown)}; known: {known}")
         self.batch_size = parse_batch_size(batch_size)
         self.mesh = make_mesh(None if mesh is None else str(mesh))
         self.model = shard_model(load_model(str(init_from), dtype=dtype), self.mesh)
@@ -119,9 +120,7 @@ class JaxGPTLM(TemplateLM):
 
     # ------------------------------------------------------------------ scoring
 
-    def _loglikelihood_tokens(
-        self, requests: list[TokenRequest], disable_tqdm: bool = False
-    ) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(self, requests: list[TokenRequest], disable_tqdm: bool = False) -> list[LogLikelihood]:
         """(log p(continuation | context), is it the greedy continuation) per request.
 
         As lm-eval's hf model: context + continuation keeps its last ``block_size + 1`` tokens.
