@@ -175,3 +175,13 @@ def test_bad_profile_steps_are_user_errors(spec):
     with pytest.raises(UserError, match="START:STOP"):
         parse_profile_steps(spec)
     assert parse_profile_steps("10:15") == range(10, 15)
+
+
+def test_a_missing_tracker_package_is_a_user_error_before_training(monkeypatch, tmp_path):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "wandb" else real_find_spec(name))
+    with pytest.raises(UserError, match="wandb is not installed: pip install -r requirements-tracking"):
+        parse_run_config(["--out_dir", str(tmp_path), "--wandb_project", "p"])
+    parse_run_config(["--out_dir", str(tmp_path), "--tensorboard"])  # tensorboardX is there
