@@ -132,7 +132,8 @@ def score_rows(
     """
     assert len(rows) == len(scored), (len(rows), len(scored))
     buckets = length_buckets(scorer.block_size)
-    lengths = np.asarray([len(row) - 1 for row in rows])
+    lengths = np.asarray([len(row) - 1 for row in rows], np.int64)
+    assert lengths.max(initial=1) <= scorer.block_size and lengths.min(initial=1) >= 1, (lengths.min(), lengths.max())
     order = np.argsort(-lengths, kind="stable")
     sums, is_greedy = np.zeros(len(rows)), np.zeros(len(rows), bool)
     bar = tqdm(total=len(rows), desc=desc, unit="row", disable=not progress)
