@@ -45,7 +45,7 @@ class TrainConfig:
     eval_interval: int = option(100, "validation loss every N steps (0: only at the end)")
     eval_iters: int = option(10, "validation batches per evaluation")
     sample_interval: int = option(0, "print a generated sample every N steps (0: at each evaluation)")
-    sample_tokens: int = option(64, "tokens per printed sample")
+    sample_tokens: int = option(64, "tokens per printed sample (0: no samples)")
     save_interval: int = option(100, "checkpoint every N steps (and always at the end)")
     keep_checkpoints: int = option(3, "keep the last N checkpoints (plus the best by validation loss)")
     hellaswag_interval: int = option(0, "HellaSwag accuracy every N steps (0: off)")

@@ -67,7 +67,6 @@ def setup(run_config: RunConfig, devices: list | None = None) -> Run:
     """Builds the run; ``devices`` (default: all) is what ``--mesh`` must cover exactly."""
     cfg = run_config.train_config
     mesh = make_mesh(cfg.mesh, devices)
-    check_batch_divisible(cfg.batch_size, mesh, "--batch_size")
     make_run_dir(cfg.out_dir)
     checkpointer = Checkpointer(cfg.out_dir, keep_last=cfg.keep_checkpoints)
     try:
@@ -89,6 +88,7 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
     elif cfg.resume:
         print(f"--resume: no checkpoint in {cfg.out_dir} yet, starting from scratch")
     check_dataset(cfg.data_dir, model_config.vocab_size)  # every input checked before anything is compiled
+    check_batch_divisible(cfg.batch_size, mesh, "--batch_size")
 
     data = DataConfig(cfg.data_dir, model_config.block_size, cfg.batch_size, cfg.seed, cfg.data_workers)
     codec = ParamCodec(model_config)
@@ -205,7 +205,7 @@ def sample_text(run: Run, num_tokens: int, seed: int) -> str:
     """A sample from end-of-text with the current weights (top-k 200, temperature 0.8, as nanoGPT)."""
     num_tokens = min(num_tokens, run.model_config.block_size - 1)  # the prompt is one token
     key = jax.random.key(seed)
-    start = EOT_ID if EOT_ID < run.model_config.vocab_size else 0  # a small test vocabulary has no EOT
+    start = EOT_ID if run.model_config.vocab_size > EOT_ID else 0  # a small test vocabulary has no EOT
     out = generate(current_model(run), [[start]], num_tokens, temperature=0.8, top_k=200, key=key, stop_at_eot=False)
     return get_tokenizer().decode(out[0])
 
@@ -295,7 +295,8 @@ def _train(run_config: RunConfig) -> dict[str, Any]:
     say(describe(run))
 
     def print_sample(step: int) -> dict[str, Any]:
-        say(f"--- sample at step {step} ---\n{sample_text(run, cfg.sample_tokens, cfg.seed + step)}\n---")
+        if cfg.sample_tokens:
+            say(f"--- sample at step {step} ---\n{sample_text(run, cfg.sample_tokens, cfg.seed + step)}\n---")
         return {}
 
     # Each action runs every `interval` steps (0: only at the last step) and returns what it adds to the record.

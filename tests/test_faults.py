@@ -67,7 +67,9 @@ def data_dir(tmp_path_factory) -> Path:
 def good_run(data_dir, tmp_path_factory) -> Path:
     """A run with checkpoints at steps 2 and 3, trained by train.py with its output going to files."""
     out = tmp_path_factory.mktemp("run") / "run"
-    args = train_args(data_dir, out, "--max_steps", "3", "--save_interval", "2", "--n_layer", "1")
+    args = train_args(
+        data_dir, out, "--max_steps", "3", "--save_interval", "2", "--n_layer", "1", "--sample_tokens", "0"
+    )
     done = run_train_cli(args)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "\r" not in done.stdout + done.stderr  # no progress bar when the output is not a terminal
@@ -80,7 +82,10 @@ def copy_run(good_run: Path, tmp_path: Path) -> Path:
 
 
 def run_flags(data_dir: Path, out: Path, *extra: str) -> list[str]:
-    return train_args(data_dir, out, "--n_layer", "1", "--save_interval", "1", *extra)
+    """In-process runs: one device (quicker to compile), a checkpoint every step, no samples."""
+    return train_args(
+        data_dir, out, "--n_layer", "1", "--save_interval", "1", "--mesh", "1x1", "--sample_tokens", "0", *extra
+    )
 
 
 # --- data lost or silently wrong ---------------------------------------------------------------
@@ -102,9 +107,11 @@ def test_convert_never_overwrites_a_run_unless_asked(good_run, tmp_path, capsys)
 
 
 def test_a_run_directory_is_locked(tmp_path, capsys):
-    with RunLock(tmp_path):
-        with pytest.raises(UserError, match=f"in use by another training process \\(pid {os.getpid()}\\)"):
-            RunLock(tmp_path).__enter__()
+    with (
+        RunLock(tmp_path),
+        pytest.raises(UserError, match=rf"in use .*\(pid {os.getpid()}\)"),
+    ):
+        RunLock(tmp_path).__enter__()
     assert not (tmp_path / LOCK_FILE).exists()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -143,7 +150,7 @@ def test_training_refuses_a_dataset_that_disagrees_with_its_meta(data_dir, tmp_p
         check_dataset(data, VOCAB)
     (data / "test_train_000001.bin").unlink()
     (data / META).unlink()  # what a run killed before the rename used to leave
-    with pytest.raises(UserError, match="no meta.json"):
+    with pytest.raises(UserError, match=r"no meta\.json"):
         train(parse_run_config(run_flags(data, tmp_path / "out")))
     assert not (tmp_path / "out" / "checkpoints").exists()  # a failed run leaves no empty checkpoints/
     meta["shards"][0]["tokens"] += 1
@@ -181,9 +188,11 @@ def test_corrupt_checkpoints_fall_back_to_the_newest_intact_step(good_run, data_
     model = load_model_from_checkpoint(run)  # sampling/eval: falls back, leaves the bad step in place
     assert "checkpoint step 3" in capsys.readouterr().err
     np.testing.assert_array_equal(model.wte.embedding[...], step2.wte.embedding[...])
-    record = train(parse_run_config(run_flags(data_dir, run, "--max_steps", "3")))
+    flags = [a for a in run_flags(data_dir, run, "--max_steps", "3") if a not in ("--batch_size", "8")]
+    record = train(parse_run_config(flags))  # without --batch_size: the run's 8 (the preset's is 12)
     assert record["step"] == 3 and (run / "corrupt-checkpoints" / "3").is_dir()
     assert "moved it to" in capsys.readouterr().err
+    assert json.loads((run / RUN_FILE).read_text())["train"]["batch_size"] == 8
     assert tree_bytes(run / "checkpoints" / "2") == intact
 
 
@@ -200,7 +209,7 @@ def test_unreadable_checkpoint_steps_are_named_and_skipped(good_run, tmp_path, c
         (step / "params" / "_METADATA").write_text("{garbage")
     load_model_from_checkpoint(run)
     assert "checkpoint step 3" in capsys.readouterr().err
-    with pytest.raises(UserError, match="checkpoint step 3 .* is corrupt"):
+    with pytest.raises(UserError, match=r"checkpoint step 3 .* is corrupt"):
         load_model_from_checkpoint(run, step=3)
 
 
@@ -293,20 +302,18 @@ def test_a_cut_off_metrics_line_does_not_stop_resume_or_plot(good_run, tmp_path,
     (run / METRICS_FILE).write_text(text + '{"step": 4, "lo')  # the process died mid-write
     assert [r["step"] for r in read_metrics(run)] == [json.loads(x)["step"] for x in text.splitlines()]
     plot_main([str(run)])
-    assert (run / "curves.png").is_file()
+    assert (run / "curves.png").is_file() and "cut-off last line" in capsys.readouterr().err
     (run / METRICS_FILE).write_text('{"step": 1, "lo\n' + text)
     assert f"{METRICS_FILE}:1 is not a JSON record" in one_error_line(capsys, plot_main, [str(run)])
 
 
 def test_resume_takes_the_stored_batch_size_or_says_which_flag(good_run, data_dir, tmp_path):
     run = copy_run(good_run, tmp_path)
-    flags = [a for a in run_flags(data_dir, run, "--max_steps", "4") if a not in ("--batch_size", "8")]
-    with pytest.raises(UserError, match="trained with --batch_size 8; drop --batch_size 4 .* or add --reset_data"):
-        train(parse_run_config([*flags, "--batch_size", "4"]))
-    record = train(parse_run_config(flags))  # the preset's batch size is 12; the run's 8 is taken
-    assert record["step"] == 4 and json.loads((run / RUN_FILE).read_text())["train"]["batch_size"] == 8
-    record = train(parse_run_config([*flags, "--max_steps", "5", "--batch_size", "4", "--reset_data"]))
-    assert record["step"] == 5
+    flags = run_flags(data_dir, run, "--max_steps", "4", "--batch_size", "4")
+    with pytest.raises(UserError, match=r"trained with --batch_size 8; drop --batch_size 4 .* or add --reset_data"):
+        train(parse_run_config(flags))
+    assert train(parse_run_config([*flags, "--reset_data"]))["step"] == 4
+    assert json.loads((run / RUN_FILE).read_text())["train"]["batch_size"] == 4  # what the next resume reads
 
 
 # --- messages -----------------------------------------------------------------------------------
@@ -342,7 +349,7 @@ def test_readme_sample_commands_fit_the_default_model():
 
 def test_tokenizer_finds_the_shared_data_without_the_variable():
     env = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_CACHE_DIR"}
-    code = "import os; from jaxgpt.tokenizer import get_tokenizer; get_tokenizer(); print(os.environ['TIKTOKEN_CACHE_DIR'])"
+    code = "import os, jaxgpt.tokenizer as t; t.get_tokenizer(); print(os.environ['TIKTOKEN_CACHE_DIR'])"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert Path(done.stdout.strip()) == (ROOT.parent / "shared" / "data" / "tiktoken").resolve()
