@@ -101,8 +101,7 @@ class Checkpointer:
             preservation_policy=None if read_only else _preservation(keep_last),
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=not read_only,
-            create=not read_only,
-            read_only=read_only,
+            create=not read_only,  # (Orbax's own read_only option logs warnings on every open)
         )
         handlers = {
             "params": ocp.StandardCheckpointHandler(),
