@@ -209,7 +209,10 @@ def publish(staging: Path, out_dir: Path, name: str, meta: dict[str, Any]) -> No
     if out_dir.is_dir():
         for entry in out_dir.iterdir():
             if entry.is_file() and not is_dataset_file(entry.name, name) and not entry.name.endswith(".tmp"):
-                os.link(entry, staging / entry.name)
+                try:
+                    os.link(entry, staging / entry.name)
+                except OSError:  # a filesystem without hard links
+                    shutil.copy2(entry, staging / entry.name)
     write_meta(staging, meta)
     replace_dir(staging, out_dir)
 
