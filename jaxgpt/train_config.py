@@ -58,7 +58,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         positive = (
             "max_steps", "batch_size", "grad_accum", "log_interval", "eval_iters", "save_interval",
-            "keep_checkpoints", "lr", "eps", "lr_decay_steps", "hellaswag_items", "peak_flops",
+            "keep_checkpoints", "eps", "lr_decay_steps", "hellaswag_items", "peak_flops",
         )  # fmt: skip
         non_negative = (
             "warmup_steps", "weight_decay", "grad_clip", "eval_interval", "sample_interval", "sample_tokens",
