@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -33,6 +34,7 @@ from jaxgpt.convert.__main__ import main as convert_main
 from jaxgpt.data import shards
 from jaxgpt.data.meta import META, check_dataset
 from jaxgpt.data.prepare import PrepareConfig, prepare
+from jaxgpt.data.prepare import main as prepare_main
 from jaxgpt.errors import UserError
 from jaxgpt.eval.__main__ import main as eval_main
 from jaxgpt.model import GPT
@@ -317,17 +319,17 @@ def test_resume_with_another_batch_size_says_which_flag(good_run, data_dir, tmp_
 
 
 @pytest.mark.parametrize(
-    "main", [lambda a: parse_run_config(a), sample.main, eval_main, convert_main, "prepare"], ids=str
+    "main",
+    [lambda a: parse_run_config(a), sample.main, eval_main, convert_main, prepare_main],
+    ids=["train", "sample", "eval", "convert", "prepare"],
 )
 def test_help_says_each_default_and_description_once(main, capsys):
-    if main == "prepare":
-        from jaxgpt.data.prepare import main
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
-    assert not [line for line in text.splitlines() if line.count("(default:") > 1]
-    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
-    assert len(paragraphs) == len(set(paragraphs)), "a description is printed twice"
+    assert not re.search(r"\(default: [^)]*\)\s+\(default:", text)
+    description = text.split("\n\n")[1].strip()  # the paragraph after the usage
+    assert text.count(description) == 1, f"printed twice: {description}"
     assert "prepare.py" not in text
     if main is sample.main:
         assert "--top_k INT|none" in text
