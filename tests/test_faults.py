@@ -231,7 +231,9 @@ def test_a_failed_background_save_stops_the_run(data_dir, tmp_path, monkeypatch)
         train(parse_run_config(run_flags(data_dir, out, "--max_steps", "6")))
     steps = [r["step"] for r in read_metrics(out)]
     assert max(steps) <= 4  # stopped at once, not at the end of the run
-    assert Checkpointer(out, read_only=True).all_steps() == [1]
+    checkpointer = Checkpointer(out, read_only=True)
+    assert checkpointer.all_steps() == [1]
+    checkpointer.close()
     load_model_from_checkpoint(out)  # the last good checkpoint is intact
 
 
