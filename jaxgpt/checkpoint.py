@@ -7,13 +7,23 @@ mid-save leaves no step that looks whole; ``latest_step`` only sees finished one
 Restores are checked against the config first (every parameter's shape), because
 Orbax would otherwise restore a differently sized model partially and silently, and
 they target explicit shardings so a large model lands sharded, never whole on one device.
+
+Every save stores a checksum of each array (``jaxgpt.fingerprint``) in its meta item, and every
+restore verifies them: a step whose bytes changed, or that Orbax cannot read, is reported by
+name and the newest intact step is used instead (a training run moves the bad one aside to
+``out_dir/corrupt-checkpoints/``). A background save that fails stops the run at the next step
+with one line naming the step and the cause; the steps saved before it are untouched.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -22,6 +32,7 @@ from jax.sharding import Mesh
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import UserError
+from jaxgpt.fingerprint import fingerprints, mismatches
 from jaxgpt.model import GPT
 from jaxgpt.params import ParamCodec, Params
 from jaxgpt.run_dir import read_run_file, write_run_file
@@ -29,6 +40,38 @@ from jaxgpt.sharding import make_mesh
 from jaxgpt.train_state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
+QUARANTINE_DIR = "corrupt-checkpoints"
+T = TypeVar("T")
+
+
+class CorruptCheckpointError(UserError):
+    """A saved step cannot be read back, or its arrays differ from the checksums saved with them."""
+
+    def __init__(self, directory: Path, step: int, cause: str):
+        super().__init__(f"checkpoint step {step} in {directory} is corrupt ({cause})")
+        self.step = step
+
+
+class SaveFailedError(UserError):
+    """Writing a checkpoint failed (disk full, permissions...); the steps saved before it are intact."""
+
+
+class _QuietOrbaxErrors(logging.Filter):
+    """Orbax logs a failed save as hundreds of traceback lines; the run reports it in one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+_QUIET_ORBAX = _QuietOrbaxErrors()
+
+
+def _cause(err: BaseException) -> str:
+    """The innermost cause's first line: what the user can act on (ENOSPC, a path), not the stack."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first[:300]}"
 
 
 def _preservation(keep_last: int):
@@ -45,13 +88,20 @@ def _preservation(keep_last: int):
 class Checkpointer:
     """A run's checkpoints: asynchronous saves, verified restores."""
 
-    def __init__(self, out_dir: str | os.PathLike, *, keep_last: int = 3, async_save: bool = True):
-        self.directory = Path(out_dir).absolute() / CHECKPOINT_DIR
+    def __init__(
+        self, out_dir: str | os.PathLike, *, keep_last: int = 3, async_save: bool = True, read_only: bool = False
+    ):
+        """``read_only`` (sampling, evaluation) never creates, cleans or deletes anything in ``out_dir``."""
+        self.out_dir = Path(out_dir).absolute()
+        self.directory = self.out_dir / CHECKPOINT_DIR
+        self.pending_step: int | None = None  # an asynchronous save not yet known to have succeeded
+        self.read_only = read_only
+        logging.getLogger("absl").addFilter(_QUIET_ORBAX)
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=_preservation(keep_last),
+            preservation_policy=None if read_only else _preservation(keep_last),
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
-            create=True,
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,  # (Orbax's own read_only option logs warnings on every open)
         )
         handlers = {
             "params": ocp.StandardCheckpointHandler(),
@@ -77,61 +127,120 @@ class Checkpointer:
     ) -> None:
         """Starts an asynchronous save of ``state`` at its step (returns before the bytes are written)."""
         step = int(state.step)
-        train = {
-            "step": state.step,
-            "opt_state": state.opt_state,
-            "first_bad_step": state.first_bad_step,
-            "rng": state.rng,
-        }
-        self.manager.save(
+        train = _train_item(state)
+        checksums = {"params": fingerprints(state.params), "train": fingerprints(train)}
+        self.save_items(
             step,
-            args=ocp.args.Composite(
+            ocp.args.Composite(
                 params=ocp.args.StandardSave(state.params),
                 train=ocp.args.StandardSave(train),
                 data=ocp.args.JsonSave(data_state or {}),
-                meta=ocp.args.JsonSave({**meta, "step": step, "val_loss": val_loss}),
+                meta=ocp.args.JsonSave({**meta, "step": step, "val_loss": val_loss, "checksums": checksums}),
             ),
             metrics={"val_loss": float(val_loss)} if val_loss is not None else None,
-            force=True,
         )
+
+    def save_items(self, step: int, args: ocp.args.Composite, metrics: dict[str, float] | None = None) -> None:
+        """Saves Orbax items at ``step``; any failure, now or in the background, becomes a SaveFailedError."""
+        self.wait()  # a failed earlier save is reported before anything else is written
+        self.pending_step = step
+        try:
+            self.manager.save(step, args=args, metrics=metrics, force=True)
+        except Exception as err:  # the synchronous part failed (directory creation, a full disk...)
+            raise self._save_failed(err) from None
+
+    def _save_failed(self, err: BaseException) -> SaveFailedError:
+        step, self.pending_step = self.pending_step, None
+        kept = self.all_steps()
+        intact = f"step {max(kept)} is the last intact checkpoint" if kept else "no checkpoint was saved before it"
+        return SaveFailedError(f"saving checkpoint step {step} in {self.directory} failed ({_cause(err)}); {intact}")
+
+    def check_save(self) -> None:
+        """Raises :class:`SaveFailedError` as soon as a finished background save is known to have failed."""
+        if self.pending_step is not None and not self.manager.is_saving_in_progress():
+            self.wait()
 
     def restore(self, step: int, target: TrainState, shardings: TrainState) -> tuple[TrainState, dict[str, Any]]:
         """Restores a full training state into ``shardings`` after checking every parameter's shape."""
-        check_params_match(self, step, target.params)
         abstract = jax.tree.map(_abstract_with_sharding, target, shardings)
-        train_target = {
-            "step": abstract.step,
-            "opt_state": abstract.opt_state,
-            "first_bad_step": abstract.first_bad_step,
-            "rng": abstract.rng,
-        }
-        restored = self.manager.restore(
+        restored = self._restore_verified(
             step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract.params),
-                train=ocp.args.StandardRestore(train_target),
-                data=ocp.args.JsonRestore(),
-            ),
+            abstract.params,
+            train=ocp.args.StandardRestore(_train_item(abstract)),
+            data=ocp.args.JsonRestore(),
         )
         train = restored["train"]
         state = TrainState(train["step"], restored["params"], train["opt_state"], train["first_bad_step"], train["rng"])
         return state, dict(restored["data"] or {})
 
     def restore_params(self, step: int, abstract: dict[str, jax.ShapeDtypeStruct]) -> Params:
-        check_params_match(self, step, abstract)
-        restored = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
-        return restored["params"]
+        return self._restore_verified(step, abstract)["params"]
+
+    def _restore_verified(self, step: int, params: dict[str, Any], **items: Any) -> dict[str, Any]:
+        """Restores ``params`` and ``items`` of ``step`` and checks every array against its saved checksum."""
+        check_params_match(self, step, params)  # a config mistake, not corruption: raised as is
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(params=ocp.args.StandardRestore(params), meta=ocp.args.JsonRestore(), **items),
+            )
+        except Exception as err:  # truncated or deleted files, a garbage manifest: Orbax's errors vary
+            raise CorruptCheckpointError(self.directory, step, _cause(err)) from None
+        checksums = (restored["meta"] or {}).get("checksums", {})  # checkpoints from before checksums: none
+        for item, stored in checksums.items():
+            bad = mismatches(stored, restored[item]) if item in restored else []
+            if bad:
+                cause = f"{len(bad)} arrays differ from their checksums: {bad[0]}"
+                raise CorruptCheckpointError(self.directory, step, cause)
+        return restored
+
+    def newest_intact(self, restore: Callable[[int], T], *, quarantine: bool) -> tuple[int, T] | None:
+        """``(step, restore(step))`` for the newest step that restores intact; corrupt ones are reported.
+
+        ``quarantine`` (a training run, process 0) moves each corrupt step to ``out_dir/corrupt-checkpoints/``
+        so the run can save that step number again; readers (sampling, evaluation) leave it in place.
+        """
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                return step, restore(step)
+            except CorruptCheckpointError as err:
+                action = f"moved it to {self._quarantine(step)}" if quarantine else "skipped it"
+                print(f"warning: {err}; {action}, falling back to the step before", file=sys.stderr)
+        return None
+
+    def _quarantine(self, step: int) -> Path:
+        destination = self.out_dir / QUARANTINE_DIR / str(step)
+        destination.parent.mkdir(exist_ok=True)
+        shutil.rmtree(destination, ignore_errors=True)  # an older quarantined copy of the same step number
+        os.replace(self.directory / str(step), destination)
+        self.manager.reload()
+        return destination
 
     def wait(self) -> None:
-        """Blocks until the last asynchronous save is on disk; call before exiting."""
-        self.manager.wait_until_finished()
+        """Blocks until the last asynchronous save is on disk; raises :class:`SaveFailedError` if it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:
+            if self.pending_step is None:  # already reported
+                return
+            raise self._save_failed(err) from None
+        self.pending_step = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        # Orbax starts removing stale temporary steps in a thread when the manager opens and close() does
-        # not join it; a process that exits before it ends prints a traceback. (Private API, hence getattr.)
-        getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            # Orbax starts removing stale temporary steps in a thread when the manager opens and close() does
+            # not join it; a process that exits before it ends prints a traceback. (Private API, hence getattr.)
+            getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
+            self.manager.close()
+            if not self.read_only and self.directory.is_dir() and not any(self.directory.iterdir()):
+                self.directory.rmdir()  # a run that failed before its first save leaves no empty folder
+
+
+def _train_item(state: TrainState) -> dict[str, Any]:
+    """What the ``train`` item stores: the state apart from the parameters."""
+    return {"step": state.step, "opt_state": state.opt_state, "first_bad_step": state.first_bad_step, "rng": state.rng}
 
 
 def _abstract_with_sharding(value: Any, sharding: Any) -> jax.ShapeDtypeStruct:
@@ -140,7 +249,10 @@ def _abstract_with_sharding(value: Any, sharding: Any) -> jax.ShapeDtypeStruct:
 
 def check_params_match(checkpointer: Checkpointer, step: int, expected: dict[str, Any]) -> None:
     """A clear error (not a silent partial restore) when the checkpoint's parameters differ from the config."""
-    stored = checkpointer.manager.item_metadata(step)["params"]
+    try:
+        stored = checkpointer.manager.item_metadata(step)["params"]
+    except Exception as err:  # an unreadable manifest
+        raise CorruptCheckpointError(checkpointer.directory, step, _cause(err)) from None
     if stored is None:
         raise UserError(f"checkpoint step {step} in {checkpointer.directory} has no parameters")
     stored_shapes = {name: tuple(meta.shape) for name, meta in stored.items()}
@@ -160,14 +272,9 @@ def save_model(model: GPT, out_dir: str | os.PathLike, step: int = 0) -> Path:
     write_run_file(out_dir, model.config)
     checkpointer = Checkpointer(out_dir, keep_last=1, async_save=False)
     params = ParamCodec(model.config).to_flat(model)
-    checkpointer.manager.save(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            meta=ocp.args.JsonSave({"step": step, "model": model.config.to_dict()}),
-        ),
-        force=True,
-    )
+    meta = {"step": step, "model": model.config.to_dict(), "checksums": {"params": fingerprints(params)}}
+    items = ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta))
+    checkpointer.save_items(step, items)
     checkpointer.close()
     return Path(out_dir)
 
@@ -183,17 +290,22 @@ def load_model_from_checkpoint(
     run = read_run_file(out_dir)
     config = GPTConfig.from_dict({**run["model"], **overrides})
     stored = GPTConfig.from_dict(run["model"])
-    checkpointer = Checkpointer(out_dir, async_save=False)
-    step = checkpointer.latest_step() if step is None else step
-    if step is None:
-        raise UserError(f"{out_dir} holds no complete checkpoint yet")
     stored_codec = ParamCodec(config.replace(param_dtype=stored.param_dtype))  # restore as saved, then cast
     mesh = mesh or make_mesh("1x1", jax.devices()[:1])
     shardings = stored_codec.shardings(mesh)
     abstract = {
         n: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings[n]) for n, a in stored_codec.abstract.items()
     }
-    params = checkpointer.restore_params(step, abstract)
-    checkpointer.close()
+    checkpointer = Checkpointer(out_dir, async_save=False, read_only=True)
+    try:
+        if step is not None:
+            params = checkpointer.restore_params(step, abstract)
+        else:
+            found = checkpointer.newest_intact(lambda s: checkpointer.restore_params(s, abstract), quarantine=False)
+            if found is None:
+                raise UserError(f"{out_dir} holds no complete, intact checkpoint")
+            params = found[1]
+    finally:
+        checkpointer.close()
     codec = ParamCodec(config)
     return codec.to_model(codec.cast(params))

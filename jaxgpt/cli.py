@@ -43,7 +43,8 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, defaults: Any = None) -> None:
     """Adds one flag per field of ``cls``; ``defaults`` (an instance) overrides field defaults."""
     hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
+    summary = (cls.__doc__ or "").strip().splitlines()[0]
+    group = parser.add_argument_group(cls.__name__, None if summary == parser.description else summary)
     for field in dataclasses.fields(cls):
         if not field.init or field.metadata.get("cli") is False:
             continue
@@ -55,12 +56,13 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, defaults
         elif typing.get_origin(tp) is Literal:
             kwargs.update(type=str, choices=[str(c) for c in typing.get_args(tp)])
         elif tp in (int, float, str):
-            kwargs.update(type=_none_or(tp) if optional else tp, metavar=tp.__name__.upper())
+            metavar = tp.__name__.upper() + ("|none" if optional else "")  # `--top_k none` shows in --help
+            kwargs.update(type=_none_or(tp) if optional else tp, metavar=metavar)
         else:
             raise TypeError(f"{cls.__name__}.{field.name}: unsupported flag type {tp}")
         help_text = field.metadata.get("help", "")
         assert help_text, f"{cls.__name__}.{field.name} needs a help text"
-        kwargs["help"] = f"{help_text} (default: {default})"
+        kwargs["help"] = help_text if "(default:" in help_text else f"{help_text} (default: {default})"
         group.add_argument(f"--{field.name}", **kwargs)
 
 

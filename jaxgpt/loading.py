@@ -5,17 +5,34 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
 from jaxgpt.checkpoint import load_model_from_checkpoint
 from jaxgpt.convert import load_hf_gpt2
+from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
+from jaxgpt.params import ParamCodec
 from jaxgpt.run_dir import is_run_dir
+
+_all_finite = jax.jit(lambda params: {name: jnp.isfinite(value).all() for name, value in params.items()})
 
 
 def load_model(init_from: str | os.PathLike, **overrides: Any) -> GPT:
     """Loads a GPT for inference or fine-tuning; ``overrides`` change config fields (dtype, dropout...).
 
     A training ``out_dir`` (or an exported model) is recognised by its run file, ``jaxgpt.json``.
+    Weights holding NaN or Inf are refused here, not met later as garbage text or a NaN loss.
     """
     if is_run_dir(init_from):
-        return load_model_from_checkpoint(init_from, **overrides)
-    return load_hf_gpt2(init_from, **overrides)
+        model = load_model_from_checkpoint(init_from, **overrides)
+    else:
+        model = load_hf_gpt2(init_from, **overrides)
+    finite = jax.device_get(_all_finite(ParamCodec(model.config).to_flat(model)))
+    bad = sorted(name for name, ok in finite.items() if not ok)
+    if bad:
+        raise UserError(
+            f"{init_from}: {len(bad)} weight arrays hold NaN or Inf (first: {bad[0]}); the model is unusable, "
+            "load an earlier checkpoint (a training run that diverged stops before saving such weights)"
+        )
+    return model

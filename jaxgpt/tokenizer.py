@@ -3,7 +3,8 @@
 tiktoken's ``r50k_base`` encoding is GPT-2's: the same 50,256 merges, the same
 split pattern and ``<|endoftext|>`` = 50256. It reads its rank file from
 ``TIKTOKEN_CACHE_DIR`` (or downloads it once when online), so offline machines
-point that variable at a directory holding the file.
+point that variable at a directory holding the file. Unset, it defaults to the
+shared data folder beside the checkout (``../shared/data/tiktoken``) when that exists.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -19,6 +21,7 @@ from jaxgpt.errors import UserError
 ENCODING_NAME = "r50k_base"
 EOT_ID = 50256
 VOCAB_SIZE = 50257
+SHARED_CACHE = Path("shared") / "data" / "tiktoken"  # beside the checkout, next to tiny Shakespeare
 
 
 class TokenizerUnavailableError(UserError):
@@ -61,10 +64,21 @@ class Tokenizer:
         return (Tokenizer, ())
 
 
+def _default_cache_dir() -> None:
+    """Points tiktoken at ``../shared/data/tiktoken`` (from the working or the repository directory) if unset."""
+    if "TIKTOKEN_CACHE_DIR" in os.environ:
+        return
+    for base in (Path.cwd().parent, Path(__file__).resolve().parents[2]):
+        if (base / SHARED_CACHE).is_dir():
+            os.environ["TIKTOKEN_CACHE_DIR"] = str(base / SHARED_CACHE)
+            return
+
+
 @functools.cache
 def _load_encoding():
     import tiktoken
 
+    _default_cache_dir()
     try:
         return tiktoken.get_encoding(ENCODING_NAME)
     except Exception as err:  # tiktoken raises requests/ValueError/OSError variants offline

@@ -27,6 +27,7 @@ class TrainConfig:
     out_dir: str = option("out/shakespeare", "checkpoints, metrics.jsonl and the run description go here")
     init_from: str = option("scratch", "scratch, gpt2[-medium|-large|-xl], a HF GPT-2 dir or a jaxgpt out_dir")
     resume: bool = option(False, "continue the run in out_dir from its last checkpoint (also automatic if one exists)")
+    reset_data: bool = option(False, "on resume, restart the data order from the first batch (e.g. after new data)")
     mesh: str | None = option(None, "device mesh DxM (data x model parallel); default: every device on data")
     distributed: bool = option(False, "multi-host: call jax.distributed.initialize() first (SLURM, TPU pods, ...)")
     fsdp: bool = option(False, "also shard parameters and optimizer state over the data axis (ZeRO-3)")
@@ -46,7 +47,7 @@ class TrainConfig:
     eval_interval: int = option(100, "validation loss every N steps (0: only at the end)")
     eval_iters: int = option(10, "validation batches per evaluation")
     sample_interval: int = option(0, "print a generated sample every N steps (0: at each evaluation)")
-    sample_tokens: int = option(64, "tokens per printed sample")
+    sample_tokens: int = option(64, "tokens per printed sample (0: no samples)")
     save_interval: int = option(100, "checkpoint every N steps (and always at the end)")
     keep_checkpoints: int = option(3, "keep the last N checkpoints (plus the best by validation loss)")
     hellaswag_interval: int = option(0, "HellaSwag accuracy every N steps (0: off)")
@@ -60,12 +61,26 @@ class TrainConfig:
     profile_steps: str | None = option(None, "START:STOP: JAX profiler trace of these steps in out_dir/profile")
 
     def __post_init__(self) -> None:
-        positive = ("max_steps", "batch_size", "grad_accum", "log_interval", "eval_iters", "save_interval")
+        positive = (
+            "max_steps", "batch_size", "grad_accum", "log_interval", "eval_iters", "save_interval",
+            "keep_checkpoints", "eps", "lr_decay_steps", "hellaswag_items", "peak_flops",
+        )  # fmt: skip
+        non_negative = (
+            "warmup_steps", "weight_decay", "grad_clip", "eval_interval", "sample_interval", "sample_tokens",
+            "hellaswag_interval", "data_workers", "seed",
+        )  # fmt: skip
         for name in positive:
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UserError(f"--{name} must be positive, got {value}")
+        for name in non_negative:
+            if not getattr(self, name) >= 0:
+                raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.min_lr <= self.lr:
             raise UserError(f"need 0 <= --min_lr <= --lr, got min_lr={self.min_lr} lr={self.lr}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         parse_profile_steps(self.profile_steps)
         check_tracker_installed(tensorboard=self.tensorboard, wandb_project=self.wandb_project)
 
@@ -165,6 +180,7 @@ class RunConfig:
     train_config: TrainConfig
     model_config: GPTConfig
     model_flags: frozenset[str]  # GPTConfig fields the user set on the command line
+    train_flags: frozenset[str] = frozenset()  # TrainConfig fields the user set on the command line
 
 
 def parse_run_config(argv: Sequence[str] | None = None) -> RunConfig:
@@ -180,8 +196,10 @@ def parse_run_config(argv: Sequence[str] | None = None) -> RunConfig:
         raise UserError(f"unknown --preset {name!r}; choose one of {', '.join(RUN_PRESETS)}")
     train_base, model_base = RUN_PRESETS[name]
     model_fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     return RunConfig(
         train_config=build(TrainConfig, namespace, train_base),
         model_config=build(GPTConfig, namespace, model_base),
         model_flags=frozenset(k for k in vars(namespace) if k in model_fields),
+        train_flags=frozenset(k for k in vars(namespace) if k in train_fields),
     )

@@ -9,6 +9,7 @@ same batches and learning rates as one that never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from jaxgpt import metrics
 from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import GPTConfig
+from jaxgpt.data.meta import check_dataset
 from jaxgpt.data.pipeline import DataConfig, iterator_state, make_train_iterator, restore_iterator
 from jaxgpt.errors import UserError
 from jaxgpt.eval.hellaswag import HellaSwagItem, evaluate_hellaswag, load_hellaswag
@@ -32,7 +34,7 @@ from jaxgpt.model import GPT, non_embedding_params
 from jaxgpt.optim import learning_rate_schedule, make_optimizer
 from jaxgpt.params import ParamCodec
 from jaxgpt.profiling import StepProfiler, parse_profile_steps
-from jaxgpt.run_dir import MetricsWriter, read_run_file, write_run_file
+from jaxgpt.run_dir import MetricsWriter, RunLock, make_run_dir, read_run_file, write_run_file
 from jaxgpt.sampling import generate
 from jaxgpt.sharding import accumulated_batch_sharding, check_batch_divisible, make_mesh
 from jaxgpt.tokenizer import EOT_ID, get_tokenizer
@@ -66,10 +68,8 @@ class Run:
 def setup(run_config: RunConfig, devices: list | None = None) -> Run:
     """Builds the run; ``devices`` (default: all) is what ``--mesh`` must cover exactly."""
     cfg = run_config.train_config
-    if cfg.distributed:  # every host runs the same command; JAX finds its peers from the cluster's environment
-        jax.distributed.initialize()
     mesh = make_mesh(cfg.mesh, devices)
-    check_batch_divisible(cfg.batch_size, mesh, "--batch_size")
+    make_run_dir(cfg.out_dir)
     checkpointer = Checkpointer(cfg.out_dir, keep_last=cfg.keep_checkpoints)
     try:
         return _build(run_config, mesh, checkpointer)
@@ -84,11 +84,13 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
     latest = checkpointer.latest_step()
     model_config, pretrained = run_config.model_config, None
     if latest is not None:
-        model_config = _resumed_config(run_config)
+        model_config, cfg = _resumed_config(run_config), _resumed_train_config(run_config)
     elif cfg.init_from != "scratch":
         model_config, pretrained = _pretrained(run_config)
     elif cfg.resume:
         print(f"--resume: no checkpoint in {cfg.out_dir} yet, starting from scratch")
+    check_dataset(cfg.data_dir, model_config.vocab_size)  # every input checked before anything is compiled
+    check_batch_divisible(cfg.batch_size, mesh, "--batch_size")
 
     data = DataConfig(cfg.data_dir, model_config.block_size, cfg.batch_size, cfg.seed, cfg.data_workers)
     codec = ParamCodec(model_config)
@@ -99,8 +101,13 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
     shardings = train_state_shardings(codec, tx, mesh, cfg.fsdp)
     if latest is not None:  # restore into shapes only: nothing is initialised just to be overwritten
         abstract = jax.eval_shape(lambda p: init_train_state(p, tx, cfg.seed), codec.abstract)
-        state, data_state = checkpointer.restore(latest, abstract, shardings)
-        data_iter = restore_iterator(data, data_state)
+        found = checkpointer.newest_intact(
+            lambda step: checkpointer.restore(step, abstract, shardings), quarantine=jax.process_index() == 0
+        )
+        if found is None:
+            raise UserError(f"no intact checkpoint left in {checkpointer.directory}; start again in a new --out_dir")
+        latest, (state, data_state) = found
+        data_iter = make_train_iterator(data) if cfg.reset_data else restore_iterator(data, data_state)
     else:
         data_iter = make_train_iterator(data)  # checks the data before anything is compiled
         if pretrained is not None:
@@ -108,7 +115,8 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
         else:
             params = codec.init(cfg.seed, shardings.params)
         state = jax.jit(lambda p: init_train_state(p, tx, cfg.seed), out_shardings=shardings)(params)
-        write_run_file(cfg.out_dir, model_config, cfg.to_dict())
+    if jax.process_index() == 0:
+        write_run_file(cfg.out_dir, model_config, cfg.to_dict())  # as resolved: the next resume reads it
 
     abstract_model = nnx.eval_shape(lambda: GPT(model_config, nnx.Rngs(0)))
     return Run(
@@ -157,6 +165,22 @@ def _resumed_config(run_config: RunConfig) -> GPTConfig:
     return stored.replace(**{k: getattr(asked, k) for k in flags if k not in shape})
 
 
+DATA_ORDER_FIELDS = ("batch_size", "seed")  # with block_size, what the saved data position depends on
+
+
+def _resumed_train_config(run_config: RunConfig) -> TrainConfig:
+    """The run's stored batch size and seed unless given; a different one needs --reset_data."""
+    cfg, given = run_config.train_config, run_config.train_flags
+    stored = read_run_file(cfg.out_dir).get("train", {})
+    for name in DATA_ORDER_FIELDS:
+        if name in given and name in stored and getattr(cfg, name) != stored[name] and not cfg.reset_data:
+            raise UserError(
+                f"{cfg.out_dir} was trained with --{name} {stored[name]}; drop --{name} {getattr(cfg, name)} to "
+                f"resume where its data stopped, or add --reset_data to restart the data order with the new value"
+            )
+    return dataclasses.replace(cfg, **{k: stored[k] for k in DATA_ORDER_FIELDS if k in stored and k not in given})
+
+
 def next_batch(run: Run) -> dict[str, jax.Array]:
     """``grad_accum`` micro-batches from the iterator, stacked to [grad_accum, batch, T] and sharded."""
     micro = [next(run.data_iter) for _ in range(run.config.grad_accum)]
@@ -183,7 +207,8 @@ def sample_text(run: Run, num_tokens: int, seed: int) -> str:
     """A sample from end-of-text with the current weights (top-k 200, temperature 0.8, as nanoGPT)."""
     num_tokens = min(num_tokens, run.model_config.block_size - 1)  # the prompt is one token
     key = jax.random.key(seed)
-    out = generate(current_model(run), [[EOT_ID]], num_tokens, temperature=0.8, top_k=200, key=key, stop_at_eot=False)
+    start = EOT_ID if run.model_config.vocab_size > EOT_ID else 0  # a small test vocabulary has no EOT
+    out = generate(current_model(run), [[start]], num_tokens, temperature=0.8, top_k=200, key=key, stop_at_eot=False)
     return get_tokenizer().decode(out[0])
 
 
@@ -250,7 +275,18 @@ def due(step: int, interval: int, last: bool) -> bool:
 
 
 def train(run_config: RunConfig) -> dict[str, Any]:
-    """Runs (or resumes) training to ``max_steps``; returns the last logged record."""
+    """Runs (or resumes) training to ``max_steps``; returns the last logged record.
+
+    The run directory is locked for the whole run (on process 0), so two runs never share one.
+    """
+    if run_config.train_config.distributed:  # every host runs the same command; JAX finds its peers itself
+        jax.distributed.initialize()
+    out_dir = run_config.train_config.out_dir
+    with RunLock(out_dir) if jax.process_index() == 0 else contextlib.nullcontext():
+        return _train(run_config)
+
+
+def _train(run_config: RunConfig) -> dict[str, Any]:
     run = setup(run_config)
     cfg = run.config
     is_main = jax.process_index() == 0
@@ -271,9 +307,10 @@ def train(run_config: RunConfig) -> dict[str, Any]:
     say(describe(run))
 
     def print_sample(step: int) -> dict[str, Any]:
-        text = sample_text(run, cfg.sample_tokens, cfg.seed + step)
-        say(f"--- sample at step {step} ---\n{text}\n---")
-        trackers.log_text(step, "sample", text)
+        if cfg.sample_tokens:
+            text = sample_text(run, cfg.sample_tokens, cfg.seed + step)
+            say(f"--- sample at step {step} ---\n{text}\n---")
+            trackers.log_text(step, "sample", text)
         return {}
 
     # (every N steps, also at the last step?, action returning what it adds to the step's record)
@@ -287,12 +324,14 @@ def train(run_config: RunConfig) -> dict[str, Any]:
 
     timer = StepTimer(run, start)
     record: dict[str, Any] = {}
-    bar = tqdm(total=cfg.max_steps, initial=start, disable=not is_main, unit="step", dynamic_ncols=True)
+    # disable=None: no bar unless stderr is a terminal, so logs written to a file are plain lines
+    bar = tqdm(total=cfg.max_steps, initial=start, disable=None if is_main else True, unit="step", dynamic_ncols=True)
     try:
         for step in range(start, cfg.max_steps):
             with profiler.step(step):
                 run.state, step_metrics = run.step_fn(run.state, next_batch(run))
             profiler.step_done(step, run.state)
+            run.checkpointer.check_save()  # a failed background save stops the run at once
             done, last = step + 1, step + 1 == cfg.max_steps
             bar.update(1)
             record = {}

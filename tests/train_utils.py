@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxgpt.data.meta import index_dataset
 from jaxgpt.data.shards import shard_name, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +27,7 @@ def write_token_data(directory: Path, train_tokens: int = 20_000, val_tokens: in
         noise = rng.integers(0, VOCAB, n)
         tokens = np.where(rng.random(n) < 0.1, noise, pattern).astype(np.uint16)
         write_shard(directory / shard_name("test", split, 0), tokens)
+    index_dataset(directory)  # the meta.json that training checks the shards against
     return directory
 
 

@@ -62,8 +62,12 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> GPTConfig:
         raise UserError(f"not a GPT-2 checkpoint: model_type is {hf.get('model_type')!r}")
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise UserError(f"unsupported activation {hf['activation_function']!r}: GPT-2 uses gelu_new (tanh)")
-    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+    if hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 0)):
         raise UserError(f"unsupported n_inner {hf['n_inner']}: GPT-2's MLP is 4 x n_embd")
+    required = ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd")
+    missing = [key for key in required if not isinstance(hf.get(key), int)]
+    if missing:
+        raise UserError(f"config.json lacks integer {', '.join(missing)}: not a complete GPT-2 config")
     fields = dict(
         vocab_size=hf["vocab_size"],
         block_size=hf["n_positions"],
@@ -123,16 +127,23 @@ def resolve_hf_dir(name_or_path: str | os.PathLike) -> Path:
 
 def read_hf_tensors(directory: Path) -> dict[str, np.ndarray]:
     """All tensors of a HF checkpoint as float32 numpy, names without the ``transformer.`` prefix."""
-    if (directory / "model.safetensors").is_file():
-        from safetensors.numpy import load_file
+    safetensors, pickled = directory / "model.safetensors", directory / "pytorch_model.bin"
+    try:
+        if safetensors.is_file():
+            from safetensors.numpy import load_file
 
-        raw = load_file(directory / "model.safetensors")
-    elif (directory / "pytorch_model.bin").is_file():
-        import torch
+            raw = load_file(safetensors)
+        elif pickled.is_file():
+            import torch
 
-        raw = {k: v.float().numpy() for k, v in torch.load(directory / "pytorch_model.bin", weights_only=True).items()}
-    else:
-        raise UserError(f"{directory} holds neither model.safetensors nor pytorch_model.bin")
+            raw = {k: v.float().numpy() for k, v in torch.load(pickled, weights_only=True).items()}
+        else:
+            raise UserError(f"{directory} holds neither model.safetensors nor pytorch_model.bin")
+    except UserError:
+        raise
+    except Exception as err:  # safetensors and torch raise their own types for truncated or foreign files
+        weights = safetensors if safetensors.is_file() else pickled
+        raise UserError(f"{weights} is damaged or truncated ({type(err).__name__}: {err}); download it again") from None
     return {k.removeprefix("transformer."): np.asarray(v, dtype=np.float32) for k, v in raw.items()}
 
 
@@ -170,13 +181,25 @@ def params_to_hf(params: dict[str, np.ndarray], config: GPTConfig) -> dict[str, 
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; set it straight back
+    os.umask(mask)
+    return mask
+
+
 def load_hf_gpt2(name_or_path: str | os.PathLike, **overrides: Any) -> GPT:
     """A GPT from a Hugging Face GPT-2 directory or hub id; float32 and dropout-free unless overridden."""
     directory = resolve_hf_dir(name_or_path)
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise UserError(f"{directory} has no config.json; is it a Hugging Face GPT-2 directory?")
-    config = config_from_hf(json.loads(config_path.read_text()), **overrides)
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise UserError(f"{config_path} is not valid JSON ({err})") from None
+    if not isinstance(hf_config, dict):
+        raise UserError(f"{config_path} is not a JSON object")
+    config = config_from_hf(hf_config, **overrides)
     codec = ParamCodec(config)  # a GPT built without random initialisation, filled with the HF weights
     return codec.to_model(codec.cast(params_from_hf(read_hf_tensors(directory), config)))
 
@@ -189,5 +212,6 @@ def save_hf_gpt2(model: GPT, out_dir: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tensors = params_to_hf(ParamCodec(model.config).to_host(model), model.config)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(out / "model.safetensors", 0o666 & ~_umask())  # safetensors creates it 0600
     (out / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2))
     return out

@@ -8,14 +8,19 @@ python -m jaxgpt.convert --src gpt2 --dst out/gpt2-ckpt --format jaxgpt  # HF ->
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 from jaxgpt.checkpoint import save_model
 from jaxgpt.cli import parse, run
 from jaxgpt.convert import save_hf_gpt2
+from jaxgpt.errors import UserError
 from jaxgpt.loading import load_model
 from jaxgpt.options import option
+from jaxgpt.run_dir import is_run_dir
+from jaxgpt.swap import replace_dir, staging_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,13 +30,34 @@ class ConvertConfig:
     src: str = option("gpt2", "source: HF hub id (gpt2, gpt2-medium...), HF directory, or jaxgpt checkpoint dir")
     dst: str = option("out/gpt2-hf", "destination directory")
     format: Literal["hf", "jaxgpt"] = option("hf", "destination format: hf (transformers) or jaxgpt (Orbax)")
+    overwrite: bool = option(False, "replace --dst when it already holds files (a training run's included)")
+
+
+def check_destination(dst: Path, overwrite: bool) -> None:
+    """A destination that holds anything (a training run above all) is replaced only when asked."""
+    if dst.exists() and not dst.is_dir():
+        raise UserError(f"--dst {dst} is a file; pass a directory path")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        what = "a training run (its checkpoints would be lost)" if is_run_dir(dst) else "files"
+        raise UserError(f"--dst {dst} already holds {what}; pick another --dst, or pass --overwrite to replace it")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse(ConvertConfig, argv, prog="python -m jaxgpt.convert")
+    dst = Path(args.dst)
+    check_destination(dst, args.overwrite)
     model = load_model(args.src)
-    out = save_hf_gpt2(model, args.dst) if args.format == "hf" else save_model(model, args.dst)
-    print(f"wrote {args.format} weights of a {model.config.n_layer}-layer GPT to {out}")
+    staged = staging_dir(dst, "converting")  # written aside, then swapped in whole: never half a destination
+    shutil.rmtree(staged, ignore_errors=True)
+    try:
+        if args.format == "hf":
+            save_hf_gpt2(model, staged)
+        else:
+            save_model(model, staged)
+        replace_dir(staged, dst)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    print(f"wrote {args.format} weights of a {model.config.n_layer}-layer GPT to {dst}")
 
 
 if __name__ == "__main__":

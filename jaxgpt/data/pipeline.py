@@ -200,7 +200,8 @@ def restore_iterator(
     if changed:
         raise UserError(
             f"cannot resume the data iterator: {', '.join(changed)} since it was saved; the saved position "
-            f"means nothing with other data, seed or batch shape (start the data from scratch instead)"
+            f"means nothing with other data, seed or batch shape: resume with the saved values, or pass --reset_data "
+            "to start the data order from the first batch"
         )
     it = make_train_iterator(config, process_index=process_index, process_count=process_count)
     it.set_state(state["grain"])

@@ -5,17 +5,16 @@ train/val split), tokenised by a pool of worker processes and written in shards
 of ``--shard_size`` tokens, so memory stays at about one shard per split whatever
 the corpus size.
 
-Crash safety: shards are written (each atomically) into ``DIR/.partial/`` and
-moved into ``DIR`` only once the whole corpus is done, followed by ``meta.json``.
-A killed run therefore leaves nothing in ``DIR`` that looks like a dataset (and
-any earlier complete dataset there stays intact); the next run clears
-``.partial/`` and stale ``*.tmp`` files and starts over.
+Crash safety: the new dataset is built in a sibling folder, ``.DIR.partial/`` (shards,
+``meta.json`` recording every shard, and hard links to any other files ``DIR`` held), which
+then replaces ``DIR`` in one rename (:mod:`jaxgpt.swap`). A run killed at any moment leaves
+``DIR`` as it was, old dataset intact, or wholly new; the next run clears the leftover folder.
+Training checks the shards against ``meta.json`` before it starts (:mod:`jaxgpt.data.meta`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import multiprocessing
 import os
 import shutil
@@ -30,13 +29,13 @@ from tqdm import tqdm
 
 from jaxgpt import cli
 from jaxgpt.data import shards, sources
+from jaxgpt.data.meta import META, shard_record, write_meta
 from jaxgpt.data.sources import Piece
 from jaxgpt.errors import UserError
 from jaxgpt.options import option
+from jaxgpt.swap import replace_dir, staging_dir
 from jaxgpt.tokenizer import get_tokenizer
 
-STAGING = ".partial"
-META = "meta.json"
 WORK_CHARS = 1 << 20  # characters per task sent to a worker process
 
 
@@ -154,6 +153,7 @@ class ShardWriter:
         self.filled = 0
         self.num_tokens = 0
         self.paths: list[Path] = []
+        self.records: list[dict[str, Any]] = []  # meta.json's entry for each shard written
 
     def add(self, tokens: np.ndarray) -> None:
         assert tokens.dtype == np.uint16 and tokens.ndim == 1, (tokens.dtype, tokens.shape)
@@ -172,48 +172,62 @@ class ShardWriter:
             return
         path = self.directory / shards.shard_name(self.name, self.split, len(self.paths))
         shards.write_shard(path, self.buffer[: self.filled])
+        self.records.append(shard_record(path, self.split, self.buffer[: self.filled]))
         self.paths.append(path)
         self.num_tokens += self.filled
         self.filled = 0
 
 
+def is_dataset_file(filename: str, name: str) -> bool:
+    """Whether a file belongs to dataset ``name`` (replaced as a whole) rather than sitting beside it."""
+    return filename == META or any(filename.startswith(f"{name}_{split}_") for split in shards.SPLITS)
+
+
 def start_clean(out_dir: Path, name: str) -> Path:
-    """Clears what a killed run left (staging folder, temporary files) and returns a fresh staging folder."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ours = {p.name for split in shards.SPLITS for p in out_dir.glob(f"{name}_{split}_*.bin")}
-    others = [p.name for split in shards.SPLITS for p in out_dir.glob(f"*_{split}_*.bin") if p.name not in ours]
-    if others:
-        raise UserError(
-            f"{out_dir} already holds shards of another dataset ({', '.join(sorted(others)[:3])}); "
-            f"the pipeline would mix them: use another --out_dir or remove them"
-        )
-    for tmp in out_dir.glob("*.tmp"):
-        tmp.unlink()
-    staging = out_dir / STAGING
+    """Checks ``out_dir`` can be replaced as a whole, clears what a killed run left, returns a fresh staging folder."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out_dir {out_dir} is a file, not a directory")
+    if out_dir.is_dir():
+        found = [p.name for split in shards.SPLITS for p in out_dir.glob(f"*_{split}_*.bin")]
+        others = [filename for filename in found if not is_dataset_file(filename, name)]
+        if others:
+            raise UserError(
+                f"{out_dir} already holds shards of another dataset ({', '.join(sorted(others)[:3])}); "
+                f"the pipeline would mix them: use another --out_dir or remove them"
+            )
+        folders = [p.name for p in out_dir.iterdir() if p.is_dir() and p.name != ".partial"]  # .partial: old versions
+        if folders:
+            raise UserError(f"{out_dir} holds folders ({', '.join(sorted(folders)[:3])}); use an --out_dir of its own")
+    staging = staging_dir(out_dir)
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging.mkdir(parents=True)
     return staging
 
 
 def publish(staging: Path, out_dir: Path, name: str, meta: dict[str, Any]) -> None:
-    """Replaces any earlier dataset of this name in ``out_dir`` by the staged shards, then writes meta.json."""
-    (out_dir / META).unlink(missing_ok=True)
-    for split in shards.SPLITS:
-        for old in out_dir.glob(f"{name}_{split}_*.bin"):
-            old.unlink()
-    for path in sorted(staging.glob("*.bin")):
-        os.replace(path, out_dir / path.name)
-    staging.rmdir()
-    tmp = out_dir / (META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out_dir / META)
+    """Replaces ``out_dir`` by the staged dataset in one rename; its other files come along (hard links)."""
+    if out_dir.is_dir():
+        for entry in out_dir.iterdir():
+            if entry.is_file() and not is_dataset_file(entry.name, name) and not entry.name.endswith(".tmp"):
+                try:
+                    os.link(entry, staging / entry.name)
+                except OSError:  # a filesystem without hard links
+                    shutil.copy2(entry, staging / entry.name)
+    write_meta(staging, meta)
+    replace_dir(staging, out_dir)
+
+
+def check_not_empty(writers: dict[str, ShardWriter], val_fraction: float, source: str) -> None:
+    if writers["train"].num_tokens == 0:
+        raise UserError(f"{source} holds no text: 0 tokens to train on")
+    if val_fraction > 0 and writers["val"].num_tokens == 0:
+        raise UserError(f"{source} is too short for a val split (0 tokens); give more text or a larger --val_fraction")
 
 
 def prepare(config: PrepareConfig) -> dict[str, Any]:
     """Tokenises the corpus into shards in ``config.output_dir``; returns the metadata written to meta.json."""
     get_tokenizer()  # fail early (and in one line) when the BPE ranks are missing
     out_dir, name = config.output_dir, config.dataset_name
-    created = not out_dir.exists()
     staging = start_clean(out_dir, name)
     writers = {split: ShardWriter(staging, name, split, config.shard_size) for split in shards.SPLITS}
     num_proc = config.num_proc or os.cpu_count() or 1
@@ -226,10 +240,9 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
                     progress.update(tokens.size)
         for writer in writers.values():
             writer.flush()
+        check_not_empty(writers, config.val_fraction, source)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # a run that failed cleanly leaves nothing behind
-        if created and not any(out_dir.iterdir()):
-            out_dir.rmdir()
         raise
     meta = {
         "name": name,
@@ -242,6 +255,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         "val_fraction": config.val_fraction,
         "shard_size": config.shard_size,
         "splits": {s: {"tokens": w.num_tokens, "shards": len(w.paths)} for s, w in writers.items()},
+        "shards": [record for writer in writers.values() for record in writer.records],
     }
     publish(staging, out_dir, name, meta)
     return meta

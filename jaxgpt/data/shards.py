@@ -54,8 +54,8 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> Path:
     return path
 
 
-def open_shard(path: str | os.PathLike, vocab_size: int = 50257) -> np.ndarray:
-    """Memory-maps a shard's tokens after checking its header, size and a sample of ids."""
+def open_shard(path: str | os.PathLike, vocab_size: int | None = 50257) -> np.ndarray:
+    """Memory-maps a shard's tokens after checking its header, size and (unless vocab_size is None) a sample of ids."""
     path = Path(path)
     if not path.is_file():
         raise ShardError(f"{path}: shard file not found")
@@ -75,7 +75,7 @@ def open_shard(path: str | os.PathLike, vocab_size: int = 50257) -> np.ndarray:
             f"({expected} bytes) but the file has {size} bytes; prepare the data again"
         )
     tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
-    if num_tokens:
+    if num_tokens and vocab_size is not None:
         step = max(1, num_tokens // VALIDATION_SAMPLE)
         sample_max = int(tokens[::step].max())
         if sample_max >= vocab_size:
