@@ -21,6 +21,17 @@ from jaxgpt.tokenizer import EOT_ID, get_tokenizer
 __all__ = ["Message", "Rendered", "Reply", "fit_history", "generate_reply", "render"]
 
 
+def prompt_room(model: GPT, max_new_tokens: int) -> int:
+    """Tokens of the model's context left for the conversation once ``max_new_tokens`` are set aside."""
+    room = model.config.block_size - max_new_tokens
+    if room < 1:
+        raise UserError(
+            f"max_new_tokens={max_new_tokens} leaves no room for the conversation in the model's "
+            f"{model.config.block_size}-token context; ask for fewer"
+        )
+    return room
+
+
 @dataclasses.dataclass(frozen=True)
 class Reply:
     text: str  # the assistant's answer, without the template's leading space and closing EOT
@@ -46,13 +57,7 @@ def generate_reply(
     The history is cut from the oldest turn on so that prompt and ``max_new_tokens`` fit the model's
     context (``Reply.dropped`` says how many messages went). Generation stops at the end of the turn.
     """
-    room = model.config.block_size - max_new_tokens
-    if room < 1:
-        raise UserError(
-            f"max_new_tokens={max_new_tokens} leaves no room for the conversation in the model's "
-            f"{model.config.block_size}-token context; ask for fewer"
-        )
-    history, dropped = fit_history(messages, room)
+    history, dropped = fit_history(messages, prompt_room(model, max_new_tokens))
     prompt = render(history, add_generation_prompt=True).tokens
     new = generate(
         model, [prompt], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, key=key,
