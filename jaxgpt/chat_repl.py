@@ -64,14 +64,16 @@ def chat(
     system: str | None,
     max_new_tokens: int,
     key: jax.Array,
-    out: TextIO,
-    notices: TextIO,
+    out: TextIO | None = None,
+    notices: TextIO | None = None,
     **sampling: Any,
 ) -> list[Message]:
     """Answers each line in turn, keeping the conversation; returns the final history.
 
-    ``sampling`` holds generate_reply's temperature, top_k, top_p and mesh.
+    Answers go to ``out`` (default stdout), notices to ``notices`` (default stderr); ``sampling``
+    holds generate_reply's temperature, top_k, top_p and mesh.
     """
+    out, notices = out or sys.stdout, notices or sys.stderr
     prompt_room(model, max_new_tokens)  # fail before the first line if nothing could ever fit
     history: list[Message] = [{"role": "system", "content": system}] if system else []
     for i, line in enumerate(lines):
