@@ -149,18 +149,18 @@ def test_meshes_and_accumulation_give_the_same_chat_losses(chat_dir: Path, tmp_p
 def test_fine_tuning_from_scratch_answers_the_facts_in_chat(chat_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "sft"
     args = ["--preset", "sft", "--init_from", "scratch", "--data_dir", str(chat_dir), "--out_dir", str(out), *TINY]
-    args += ["--dropout", "0", "--batch_size", "20", "--epochs", "50", "--lr", "1e-2", "--min_lr", "1e-3"]
+    args += ["--dropout", "0", "--batch_size", "8", "--epochs", "48", "--lr", "3e-3", "--min_lr", "3e-4"]
     args += ["--warmup_steps", "10", "--beta2", "0.99", "--eval_interval", "0", "--eval_iters", "1"]
     args += ["--log_interval", "20", "--sample_tokens", "4"]
-    trained = run_train_cli(args, devices=1)  # one device: eight fake ones would only slow two cores down
+    trained = run_train_cli(args, devices=1, timeout=900)  # one device: eight fake ones would only slow two cores down
     assert trained.returncode == 0, trained.stderr[-2000:]
-    assert logged_losses(out)[100] < 0.1  # 50 epochs of 40 conversations, 20 a step
+    assert logged_losses(out)[240] < 0.3  # 48 epochs of 40 conversations, 8 a step
     prompt = max(len(render([{"role": "user", "content": q}], add_generation_prompt=True).tokens) for q, _ in FACTS)
     questions = "".join(f"{q}\n" for q, _ in FACTS)
     chat = subprocess.run(
         [sys.executable, "sample.py", "--init_from", str(out), "--chat", "--temperature", "0",
          "--max_new_tokens", str(BLOCK - prompt)],
-        input=questions, cwd=ROOT, capture_output=True, text=True, timeout=300,
+        input=questions, cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert chat.returncode == 0, chat.stderr[-2000:]
     answers = chat.stdout.splitlines()
