@@ -124,17 +124,9 @@ def test_the_loss_is_the_mean_over_every_assistant_token_of_the_step(chat_dir: P
 
 def test_meshes_and_accumulation_give_the_same_chat_losses(chat_dir: Path, tmp_path: Path) -> None:
     def losses(out: str, *extra: str) -> list[float]:
-        args = [
-            "--preset",
-            "sft",
-            "--init_from",
-            "scratch",
-            "--data_dir",
-            str(chat_dir),
-            "--out_dir",
-            str(tmp_path / out),
-        ]
-        run = setup(parse_run_config([*args, *TINY, "--batch_size", "8", "--dropout", "0", *extra]))
+        args = ["--preset", "sft", "--init_from", "scratch", "--data_dir", str(chat_dir), *TINY, "--dropout", "0"]
+        config = parse_run_config([*args, "--out_dir", str(tmp_path / out), "--batch_size", "8", *extra])
+        run = setup(config, jax.devices()[:1] if config.train_config.mesh == "1x1" else None)
         run.checkpointer.close()
         result = []
         for _ in range(3):
