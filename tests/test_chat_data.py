@@ -67,6 +67,7 @@ def test_every_format_is_rendered_with_its_loss_mask_across_shards(tmp_path: Pat
     data = write_lines(tmp_path / "chat.jsonl", [*CONVERSATIONS[:2], "", *CONVERSATIONS[2:]])
     meta = prepare(chat_config(data, tmp_path / "out", val_fraction=0.2, shard_size=7))
     assert meta["format"] == "chat" and meta["skipped_bad_lines"] == 0
+    assert meta["longest_conversation"] == max(len(render(m).tokens) for m in MESSAGES)
     assert (meta["splits"]["val"]["conversations"], meta["splits"]["train"]["conversations"]) == (1, 4)
     assert meta["splits"]["train"]["shards"] > 1  # conversations straddle shard files
     expected = [render(m) for m in MESSAGES]

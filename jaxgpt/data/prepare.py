@@ -252,6 +252,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     num_proc = config.num_proc or os.cpu_count() or 1
     bad = chat_source.BadLines(config.skip_bad)
     conversations = {split: 0 for split in shards.SPLITS}
+    longest = 0  # chat: tokens of the longest conversation (what --block_size must hold)
     try:
         if config.is_chat:
             found, source = chat_source.conversations(config.input, config.dataset, config.val_fraction, bad)
@@ -267,6 +268,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
             for split, tokens, labels in examples:
                 writers[split].add(tokens, labels)
                 conversations[split] += 1
+                longest = max(longest, tokens.size)
                 progress.update(tokens.size)
         for writer in writers.values():
             writer.flush()
@@ -289,7 +291,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     }
     if config.is_chat:
         meta.update(format="chat", template=TEMPLATE, block_size=config.block_size, truncate=config.truncate)
-        meta.update(skipped_bad_lines=bad.count, first_skipped=bad.first)
+        meta.update(longest_conversation=longest, skipped_bad_lines=bad.count, first_skipped=bad.first)
         for split, count in conversations.items():
             meta["splits"][split]["conversations"] = count
     publish(staging, out_dir, name, meta)
@@ -307,7 +309,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if config.is_chat:
         conversations = f"{counts['train']['conversations']:,} train and {counts['val']['conversations']:,} val"
         skipped = f"; skipped {meta['skipped_bad_lines']} bad lines (first: {meta['first_skipped']})"
-        print(f"conversations: {conversations}" + (skipped if meta["skipped_bad_lines"] else ""))
+        longest = f", the longest {meta['longest_conversation']} tokens"
+        print(f"conversations: {conversations}{longest}" + (skipped if meta["skipped_bad_lines"] else ""))
 
 
 if __name__ == "__main__":
