@@ -3,6 +3,7 @@
     python sample.py --init_from=out/gpt2-hf --prompt="Hello, I'm a language model,"
     python sample.py --init_from=out/shakespeare --prompt=FILE:prompt.txt --num_samples=3 --top_p=0.9
     python sample.py --init_from=out/gpt2-hf --interactive      # one prompt per line until end of input
+    python sample.py --init_from=out/sft --chat --system="Be brief."   # a conversation, one message per line
 
 A prompt longer than the model's context is an error rather than silently cropped, and so is a
 prompt that leaves no room for --max_new_tokens: the fix (a shorter prompt, fewer tokens) is the
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 
 import jax
 
+from jaxgpt.chat_repl import chat, user_lines
 from jaxgpt.cli import parse, run
 from jaxgpt.errors import UserError
 from jaxgpt.loading import load_model
@@ -33,6 +35,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if mesh is not None:
         shard_model(model, mesh)
     key = jax.random.key(config.seed)
+    if config.chat:
+        sampling = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, mesh=mesh)
+        lines = user_lines(sys.stdin)
+        chat(model, lines, system=config.system, max_new_tokens=config.max_new_tokens, key=key, **sampling)
+        return
     for i, prompt in enumerate(read_prompts(config)):
         try:
             sample_prompt(model, tokenizer, prompt, config, jax.random.fold_in(key, i), sys.stdout, mesh)

@@ -288,6 +288,7 @@ def load_model_from_checkpoint(
     stored float32 unless ``param_dtype`` is overridden.
     """
     run = read_run_file(out_dir)
+    overrides.pop("pad_vocab_multiple", None)  # the table's shape: the checkpoint's padding wins (fine-tuning asks)
     config = GPTConfig.from_dict({**run["model"], **overrides})
     stored = GPTConfig.from_dict(run["model"])
     stored_codec = ParamCodec(config.replace(param_dtype=stored.param_dtype))  # restore as saved, then cast

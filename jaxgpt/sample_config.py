@@ -27,6 +27,8 @@ class SampleConfig:
     stop_at_eot: bool = option(True, "end a sample at <|endoftext|> (false: keep going to max_new_tokens)")
     stream: bool = option(True, "print tokens as they come, one sample after another (false: one batch)")
     interactive: bool = option(False, "read prompts from stdin, one per line, until end of input")
+    chat: bool = option(False, "chat: one user message per line of stdin, answers with jaxgpt.chat's template")
+    system: str | None = option(None, "--chat: a system message that opens the conversation")
 
     def __post_init__(self) -> None:
         SamplingRule(self.temperature, self.top_k, self.top_p)  # fail before loading a model
@@ -34,3 +36,7 @@ class SampleConfig:
             raise UserError(f"num_samples must be >= 1, got {self.num_samples}")
         if self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.system is not None and not self.chat:
+            raise UserError("--system opens a conversation: add --chat")
+        if self.chat and (self.prompt or self.interactive or self.num_samples != 1):
+            raise UserError("--chat reads the user's messages from stdin: drop --prompt, --interactive, --num_samples")

@@ -7,6 +7,7 @@ any field of either can then be overridden by its flag (``--lr 3e-4 --n_layer 4`
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +33,7 @@ class TrainConfig:
     distributed: bool = option(False, "multi-host: call jax.distributed.initialize() first (SLURM, TPU pods, ...)")
     fsdp: bool = option(False, "also shard parameters and optimizer state over the data axis (ZeRO-3)")
     max_steps: int = option(500, "optimizer steps to train for")
+    epochs: float | None = option(None, "train for this many passes over the train examples instead (sets max_steps)")
     batch_size: int = option(12, "sequences per micro-batch, global (split over the data axis)")
     grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
     lr: float = option(1e-3, "peak learning rate")
@@ -76,6 +78,8 @@ class TrainConfig:
         for name in non_negative:
             if not getattr(self, name) >= 0:
                 raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise UserError(f"--epochs must be positive, got {self.epochs}")
         if not 0 <= self.min_lr <= self.lr:
             raise UserError(f"need 0 <= --min_lr <= --lr, got min_lr={self.min_lr} lr={self.lr}")
         for name in ("beta1", "beta2"):
@@ -87,6 +91,12 @@ class TrainConfig:
     @property
     def decay_steps(self) -> int:
         return self.lr_decay_steps or self.max_steps
+
+    def for_examples(self, num_examples: int) -> TrainConfig:
+        """With ``epochs``: the config whose ``max_steps`` makes that many passes over ``num_examples``."""
+        assert self.epochs is not None
+        steps = math.ceil(self.epochs * num_examples / (self.batch_size * self.grad_accum))
+        return dataclasses.replace(self, max_steps=max(steps, 1))
 
     def tokens_per_step(self, block_size: int) -> int:
         return self.batch_size * self.grad_accum * block_size
@@ -164,6 +174,27 @@ RUN_PRESETS: dict[str, tuple[TrainConfig, GPTConfig]] = {
             eval_interval=5,
             eval_iters=20,
             save_interval=10,
+        ),
+        preset("gpt2", dropout=0.1),
+    ),
+    # Instruction fine-tuning on chat shards (prepare --format chat) with TRL's SFTTrainer defaults: 3 epochs,
+    # 8 conversations a step, lr 2e-5 decaying to 0, no weight decay, Adam betas 0.9/0.999; GPT-2's dropout.
+    "sft": _run(
+        dict(
+            preset="sft",
+            data_dir="data/chat",
+            out_dir="out/sft",
+            init_from="gpt2",
+            epochs=3.0,
+            batch_size=8,
+            lr=2e-5,
+            min_lr=0.0,
+            warmup_steps=0,
+            weight_decay=0.0,
+            beta2=0.999,
+            eval_interval=200,
+            eval_iters=20,
+            save_interval=500,
         ),
         preset("gpt2", dropout=0.1),
     ),

@@ -16,12 +16,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jaxgpt.losses import cross_entropy
+from jaxgpt.losses import cross_entropy, token_log_probs
 from jaxgpt.params import ParamCodec, Params
 from jaxgpt.sharding import accumulated_batch_sharding, replicated
 from jaxgpt.train_state import TrainState
 
-Batch = dict[str, jax.Array]  # "inputs", "targets": int32 [grad_accum, batch, block_size]
+# "inputs", "targets": int32 [grad_accum, batch, block_size]; chat data adds float32 "weights" (the loss mask)
+Batch = dict[str, jax.Array]
 
 
 def train_state_shardings(codec: ParamCodec, tx: optax.GradientTransformation, mesh: Mesh, fsdp: bool) -> TrainState:
@@ -35,35 +36,51 @@ def train_state_shardings(codec: ParamCodec, tx: optax.GradientTransformation, m
     return TrainState(scalar, param_shardings, opt_shardings, scalar, scalar)
 
 
-def loss_fn(codec: ParamCodec, params: Params, inputs: jax.Array, targets: jax.Array, key: jax.Array | None):
-    model = codec.to_model(params)
-    return cross_entropy(model(inputs, dropout_key=key), targets)
+def loss_fn(
+    codec: ParamCodec,
+    params: Params,
+    inputs: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array | None,
+    key: jax.Array | None,
+    scale: jax.Array | float,
+):
+    """One micro-batch's share of the step's loss: its mean times ``scale``, or with ``weights`` their
+    weighted sum times ``scale`` (1 / the step's total weight, so the step's loss is the mean over
+    every weighted token of every micro-batch, not a mean of micro-batch means)."""
+    logits = codec.to_model(params)(inputs, dropout_key=key)
+    if weights is None:
+        return cross_entropy(logits, targets) * scale
+    return -(token_log_probs(logits, targets) * weights).sum() * scale
 
 
 def make_train_step(
     codec: ParamCodec, tx: optax.GradientTransformation, schedule: optax.Schedule
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """One optimizer step over ``grad_accum`` micro-batches (their mean gradient), skipping non-finite updates."""
+    """One optimizer step over ``grad_accum`` micro-batches (the gradient of their mean loss), skipping
+    non-finite updates."""
     use_dropout = codec.config.dropout > 0
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        inputs, targets = batch["inputs"], batch["targets"]
+        inputs, targets, weights = batch["inputs"], batch["targets"], batch.get("weights")
         assert inputs.ndim == 3 and inputs.shape == targets.shape, (inputs.shape, targets.shape)
         accum = inputs.shape[0]
+        # pretraining: every micro-batch has as many targets, so the mean of their means is the mean
+        scale = 1.0 / accum if weights is None else 1.0 / jnp.maximum(weights.sum(), 1.0)
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        grad_fn = jax.value_and_grad(lambda p, x, y, k: loss_fn(codec, p, x, y, k))
+        grad_fn = jax.value_and_grad(lambda p, x, y, w, k: loss_fn(codec, p, x, y, w, k, scale))
 
         def micro_step(carry, xs):
             grad_sum, loss_sum = carry
-            x, y, index = xs
+            x, y, w, index = xs
             key = jax.random.fold_in(step_key, index) if use_dropout else None
-            loss, grads = grad_fn(state.params, x, y, key)
+            loss, grads = grad_fn(state.params, x, y, w, key)
             return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        (grad_sum, loss_sum), _ = jax.lax.scan(micro_step, (zeros, 0.0), (inputs, targets, jnp.arange(accum)))
-        grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grad_sum, state.params)
-        loss = loss_sum / accum
+        xs = (inputs, targets, weights, jnp.arange(accum))  # weights None: nothing extra is scanned
+        (grad_sum, loss), _ = jax.lax.scan(micro_step, (zeros, 0.0), xs)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grad_sum, state.params)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -25,7 +25,7 @@ from jaxgpt import metrics
 from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import GPTConfig
 from jaxgpt.data.meta import check_dataset
-from jaxgpt.data.pipeline import DataConfig, iterator_state, make_train_iterator, restore_iterator
+from jaxgpt.data.pipeline import DataConfig, iterator_state, make_train_iterator, open_examples, restore_iterator
 from jaxgpt.errors import UserError
 from jaxgpt.eval.hellaswag import HellaSwagItem, evaluate_hellaswag, load_hellaswag
 from jaxgpt.eval.loss import evaluate_loss
@@ -93,6 +93,8 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
     check_batch_divisible(cfg.batch_size, mesh, "--batch_size")
 
     data = DataConfig(cfg.data_dir, model_config.block_size, cfg.batch_size, cfg.seed, cfg.data_workers)
+    if cfg.epochs is not None:
+        cfg = cfg.for_examples(len(open_examples(cfg.data_dir, "train", model_config.block_size)))
     codec = ParamCodec(model_config)
     schedule = learning_rate_schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.decay_steps)
     tx = make_optimizer(
@@ -185,9 +187,8 @@ def next_batch(run: Run) -> dict[str, jax.Array]:
     """``grad_accum`` micro-batches from the iterator, stacked to [grad_accum, batch, T] and sharded."""
     micro = [next(run.data_iter) for _ in range(run.config.grad_accum)]
     sharding = accumulated_batch_sharding(run.mesh)
-    return {
-        key: jax.make_array_from_process_local_data(sharding, np.stack([m[key] for m in micro]).astype(np.int32))
-        for key in ("inputs", "targets")
+    return {  # inputs and targets int32, chat data's weights float32: as the pipeline made them
+        key: jax.make_array_from_process_local_data(sharding, np.stack([m[key] for m in micro])) for key in micro[0]
     }
 
 
@@ -196,11 +197,11 @@ def current_model(run: Run) -> GPT:
 
 
 def evaluate(run: Run) -> float:
-    """Mean validation loss over the first ``eval_iters`` batches of windows (always the same tokens)."""
-    cfg = run.config
-    max_tokens = cfg.eval_iters * cfg.batch_size * run.model_config.block_size
-    model, mesh = current_model(run), run.mesh
-    return evaluate_loss(model, cfg.data_dir, batch_size=cfg.batch_size, max_tokens=max_tokens, mesh=mesh)["val_loss"]
+    """Mean validation loss over the first ``eval_iters`` batches of examples (always the same tokens;
+    chat data: the assistants' tokens only)."""
+    cfg, model = run.config, current_model(run)
+    result = evaluate_loss(model, cfg.data_dir, batch_size=cfg.batch_size, max_batches=cfg.eval_iters, mesh=run.mesh)
+    return result["val_loss"]
 
 
 def sample_text(run: Run, num_tokens: int, seed: int) -> str:

@@ -67,3 +67,21 @@ def test_pipeline_refuses_an_empty_dir_and_a_corrupt_shard(tmp_path: Path) -> No
     path.write_bytes(path.read_bytes()[:-2])
     with pytest.raises(shards.ShardError, match=r"x_train_000001\.bin"):
         make_train_iterator(config, process_index=0, process_count=1)
+
+
+def test_label_shards_round_trip_and_must_match_their_token_shard(tmp_path: Path) -> None:
+    tokens = write(tmp_path, [50256, 5, 6, 50256, 7])
+    labels = np.array([shards.START, 0, shards.LOSS, shards.LOSS | shards.START, shards.LOSS], np.uint8)
+    path = shards.write_labels(tokens, labels)
+    assert path.name == "x_train_000000.mask" and shards.list_shards(tmp_path, "train") == [tokens]
+    np.testing.assert_array_equal(shards.open_labels(tokens, 5), labels)
+    assert shards.has_labels([tokens])
+    with pytest.raises(shards.ShardError, match=r"x_train_000000\.mask.*4 labels for the 5 tokens"):
+        shards.write_labels(tokens, labels[:4])
+        shards.open_labels(tokens, 5)
+    with pytest.raises(shards.ShardError, match=r"x_train_000000\.mask: not a token shard"):
+        shards.open_shard(path)
+    other = write(tmp_path, [1, 2], name="x_train_000001.bin")
+    with pytest.raises(shards.ShardError, match=r"x_train_000001\.mask is missing"):
+        shards.has_labels([tokens, other])
+    assert not shards.has_labels([other])

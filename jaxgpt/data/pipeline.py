@@ -14,6 +14,16 @@ Process ``p`` of ``P`` keeps rows ``[p*B, (p+1)*B)`` of it (B = global/P) and
 reads only those windows, each with one memmap slice per shard it touches.
 Threads (``data_workers``) read batches ahead.
 
+Chat shards (a label shard beside each token shard, see :mod:`jaxgpt.data.shards`):
+example ``i`` is conversation ``i`` instead, alone in its row and padded to T
+(:class:`Conversations`), with a third array ``weights``, 1.0 where the target is an
+assistant token. Padding rather than packing keeps attention inside each conversation
+with the model's plain causal mask (the padding comes after the conversation, so no
+real token sees it), starts every conversation at position 0 as generation does, and
+leaves the model and its attention kernels untouched; the price is the padded positions'
+compute (TRL's SFTTrainer pads by default too). Pretraining batches have no ``weights``:
+their path costs nothing more.
+
 State: the iterator's position is the global step, so ``it.get_state()`` is
 ``{"next_index": step}``, the same on every process and for any process count.
 :func:`iterator_state` wraps it with what it is valid for; :func:`restore_iterator`
@@ -26,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import grain
@@ -61,13 +72,19 @@ class DataConfig:
 
 
 class TokenStream:
-    """The shards of one split as a single random-access token sequence (memory-mapped, validated on open)."""
+    """The shards of one split as a single random-access token sequence (memory-mapped, validated on open).
+
+    ``labels`` holds the label shards (chat data) or is None (pretraining data).
+    """
 
     def __init__(self, paths: Sequence[str | os.PathLike], vocab_size: int = 50257) -> None:
-        self.paths = list(paths)
+        self.paths = [Path(p) for p in paths]
         self.shards = [shards.open_shard(p, vocab_size=vocab_size) for p in self.paths]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # global offset of each shard
         self.num_tokens = int(self.starts[-1])
+        self.labels = None
+        if shards.has_labels(self.paths):
+            self.labels = [shards.open_labels(p, len(s)) for p, s in zip(self.paths, self.shards, strict=True)]
 
     @classmethod
     def open(cls, data_dir: str | os.PathLike, split: str) -> TokenStream:
@@ -81,6 +98,14 @@ class TokenStream:
 
     def read(self, starts: np.ndarray, length: int) -> np.ndarray:
         """``tokens[s : s + length]`` for each start, as int32 rows; a row may straddle shards."""
+        return self._read(self.shards, starts, length)
+
+    def read_labels(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """The labels of the tokens ``read`` returns (chat data only)."""
+        assert self.labels is not None, "not chat data"
+        return self._read(self.labels, starts, length)
+
+    def _read(self, parts: list[np.ndarray], starts: np.ndarray, length: int) -> np.ndarray:
         out = np.empty((len(starts), length), dtype=np.int32)
         shard_of = np.searchsorted(self.starts, starts, side="right") - 1
         for row, (start, k) in enumerate(zip(starts.tolist(), shard_of.tolist(), strict=True)):
@@ -88,8 +113,8 @@ class TokenStream:
             done = 0
             while done < length:
                 offset = start + done - int(self.starts[k])
-                take = min(length - done, len(self.shards[k]) - offset)
-                out[row, done : done + take] = self.shards[k][offset : offset + take]
+                take = min(length - done, len(parts[k]) - offset)
+                out[row, done : done + take] = parts[k][offset : offset + take]
                 done += take
                 k += 1
         return out
@@ -104,15 +129,65 @@ def windows_to_batch(stream: TokenStream, window_ids: np.ndarray, block_size: in
 
 
 @dataclasses.dataclass(frozen=True)
-class _ReadRows:
-    """Grain map: a global batch of window ids -> this process's rows of it, read from the shards."""
+class Windows:
+    """Pretraining examples: the split's non-overlapping windows (see the module doc)."""
 
     stream: TokenStream
-    rows: slice
     block_size: int
 
-    def __call__(self, window_ids: np.ndarray) -> dict[str, np.ndarray]:
-        return windows_to_batch(self.stream, window_ids[self.rows], self.block_size)
+    def __len__(self) -> int:
+        return self.stream.num_windows(self.block_size)
+
+    def batch(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        return windows_to_batch(self.stream, ids, self.block_size)
+
+
+class Conversations:
+    """Chat examples: conversation ``i`` alone in a row of ``block_size``, padded, with loss ``weights``."""
+
+    def __init__(self, stream: TokenStream, block_size: int) -> None:
+        assert stream.labels is not None, "not chat data"
+        self.stream, self.block_size = stream, block_size
+        offsets = stream.starts[:-1]
+        firsts = [np.flatnonzero(lab & shards.START) + o for lab, o in zip(stream.labels, offsets, strict=True)]
+        starts = np.concatenate([np.zeros(0, np.int64), *firsts])
+        assert not len(starts) or starts[0] == 0, "chat shards start with a conversation"
+        self.bounds = np.append(starts, stream.num_tokens)  # conversation i is tokens[bounds[i]:bounds[i + 1]]
+        longest = int(np.diff(self.bounds).max(initial=0))
+        if longest > block_size + 1:  # its inputs, all but the last token, must fit the context
+            raise UserError(
+                f"{stream.paths[0].parent} holds a conversation of {longest} tokens, more than block_size + 1 = "
+                f"{block_size + 1}; train with a larger --block_size or prepare again with --block_size "
+                f"{block_size} --truncate"
+            )
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def batch(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        shape = (len(ids), self.block_size)
+        batch = {"inputs": np.zeros(shape, np.int32), "targets": np.zeros(shape, np.int32)}
+        batch["weights"] = np.zeros(shape, np.float32)
+        for row, i in enumerate(np.asarray(ids).tolist()):
+            start, n = self.bounds[i : i + 1], int(self.bounds[i + 1] - self.bounds[i])
+            tokens, labels = self.stream.read(start, n)[0], self.stream.read_labels(start, n)[0]
+            batch["inputs"][row, : n - 1], batch["targets"][row, : n - 1] = tokens[:-1], tokens[1:]
+            batch["weights"][row, : n - 1] = labels[1:] & shards.LOSS
+        return batch
+
+
+Examples = Windows | Conversations
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReadRows:
+    """Grain map: a global batch of example ids -> this process's rows of it, read from the shards."""
+
+    examples: Examples
+    rows: slice
+
+    def __call__(self, example_ids: np.ndarray) -> dict[str, np.ndarray]:
+        return self.examples.batch(example_ids[self.rows])
 
 
 def process_rows(global_batch_size: int, process_index: int | None = None, process_count: int | None = None) -> slice:
@@ -130,30 +205,31 @@ def process_rows(global_batch_size: int, process_index: int | None = None, proce
     return slice(index * local, (index + 1) * local)
 
 
-def open_split(data_dir: str | os.PathLike, split: str, block_size: int) -> tuple[TokenStream, int]:
-    """The split's token stream and its window count; a split too short for one window is an error."""
+def open_examples(data_dir: str | os.PathLike, split: str, block_size: int) -> Examples:
+    """The split's examples: conversations for chat shards, windows otherwise; none at all is an error."""
     stream = TokenStream.open(data_dir, split)
-    num_windows = stream.num_windows(block_size)
-    if num_windows == 0:
+    examples = Windows(stream, block_size) if stream.labels is None else Conversations(stream, block_size)
+    if len(examples) == 0:
         raise UserError(
             f"the '{split}' split of {data_dir} has {stream.num_tokens} tokens, fewer than one example of "
             f"block_size + 1 = {block_size + 1}; use a smaller block_size or more data"
         )
-    return stream, num_windows
+    return examples
 
 
 def make_train_iterator(
     config: DataConfig, *, process_index: int | None = None, process_count: int | None = None
 ) -> grain.DatasetIterator:
-    """This process's infinite, shuffled batches: ``{"inputs", "targets"}``, int32 [global_batch / processes, T]."""
-    stream, num_windows = open_split(config.data_dir, "train", config.block_size)
+    """This process's infinite, shuffled batches: ``{"inputs", "targets"}``, int32 [global_batch / processes, T]
+    (chat data: plus float32 ``weights``)."""
+    examples = open_examples(config.data_dir, "train", config.block_size)
     rows = process_rows(config.global_batch_size, process_index, process_count)
     dataset = (
-        grain.MapDataset.range(num_windows)
+        grain.MapDataset.range(len(examples))
         .shuffle(seed=config.seed)
         .repeat()
         .batch(config.global_batch_size, drop_remainder=True)
-        .map(_ReadRows(stream, rows, config.block_size))
+        .map(_ReadRows(examples, rows))
     )
     threads = config.data_workers if config.prefetch else 0
     options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(config.prefetch, threads))

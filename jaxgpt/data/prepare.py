@@ -1,5 +1,9 @@
 """Text -> GPT-2 token shards: ``python -m jaxgpt.data.prepare --input PATH --out_dir DIR``.
 
+With ``--format chat`` the input is conversations in JSON lines (see
+:mod:`jaxgpt.data.chat_source`), rendered with ``jaxgpt.chat``'s template, and every
+token shard gets a label shard (the loss mask, see :mod:`jaxgpt.data.shards`).
+
 The corpus is streamed (see :mod:`jaxgpt.data.sources` for the sources and the
 train/val split), tokenised by a pool of worker processes and written in shards
 of ``--shard_size`` tokens, so memory stays at about one shard per split whatever
@@ -15,6 +19,7 @@ Training checks the shards against ``meta.json`` before it starts (:mod:`jaxgpt.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import multiprocessing
 import os
 import shutil
@@ -28,7 +33,8 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxgpt import cli
-from jaxgpt.data import shards, sources
+from jaxgpt.chat_template import TEMPLATE
+from jaxgpt.data import chat_source, shards, sources
 from jaxgpt.data.meta import META, shard_record, write_meta
 from jaxgpt.data.sources import Piece
 from jaxgpt.errors import UserError
@@ -41,12 +47,18 @@ WORK_CHARS = 1 << 20  # characters per task sent to a worker process
 
 @dataclasses.dataclass(frozen=True)
 class PrepareConfig:
-    """Turn a text corpus into GPT-2 token shards."""
+    """Turn a text corpus (or chat conversations) into GPT-2 token shards."""
 
     input: str | None = option(None, "a UTF-8 text file, or a folder of .txt / .jsonl files (jsonl: a 'text' field)")
-    dataset: Literal["shakespeare", "openwebtext", "fineweb", "fineweb-edu"] | None = option(
-        None, "a named dataset to download instead of --input (fineweb*: the sample-10BT subsets)"
+    dataset: Literal["shakespeare", "openwebtext", "fineweb", "fineweb-edu", "alpaca", "dolly"] | None = option(
+        None, "a named dataset to download instead of --input (fineweb*: the sample-10BT subsets; alpaca, dolly: chat)"
     )
+    format: Literal["text", "chat"] | None = option(
+        None, "chat: JSON lines of conversations, written with loss masks (None: chat for alpaca/dolly, else text)"
+    )
+    block_size: int = option(1024, "chat: the most tokens a conversation may have (training's --block_size)")
+    truncate: bool = option(False, "chat: cut longer conversations to --block_size tokens instead of rejecting them")
+    skip_bad: bool = option(False, "chat: skip bad lines (counted) instead of stopping at the first")
     out_dir: str | None = option(None, "folder for the shards and meta.json (None: data/<name>)")
     name: str | None = option(None, "shard file prefix (None: the dataset name or the input's file name)")
     val_fraction: float = option(0.1, "fraction of the characters (one file) or documents (many) held out for val")
@@ -64,6 +76,17 @@ class PrepareConfig:
             raise UserError(f"--shard_size must be in [1, 2**31), got {self.shard_size}")
         if self.num_proc < 0:
             raise UserError(f"--num_proc must be >= 0, got {self.num_proc}")
+        if self.block_size < 2:
+            raise UserError(f"--block_size must be at least 2, got {self.block_size}")
+        if self.format == "text" and self.dataset in chat_source.HUB_CHAT_DATASETS:
+            raise UserError(f"--dataset {self.dataset} is a chat dataset: drop --format text")
+        if self.format == "chat" and self.dataset is not None and self.dataset not in chat_source.HUB_CHAT_DATASETS:
+            chat_sets = ", ".join(chat_source.HUB_CHAT_DATASETS)
+            raise UserError(f"--dataset {self.dataset} is text, not chat; the chat datasets are {chat_sets}")
+
+    @property
+    def is_chat(self) -> bool:
+        return self.format == "chat" or (self.format is None and self.dataset in chat_source.HUB_CHAT_DATASETS)
 
     @property
     def dataset_name(self) -> str:
@@ -145,23 +168,30 @@ def bounded_imap(fn: Callable[[Any], Any], tasks: Iterable[Any], num_proc: int) 
 
 
 class ShardWriter:
-    """Buffers one split's tokens and writes a shard each time ``shard_size`` of them are in."""
+    """Buffers one split's tokens (and chat labels) and writes a shard each time ``shard_size`` are in."""
 
     def __init__(self, directory: Path, name: str, split: str, shard_size: int) -> None:
         self.directory, self.name, self.split, self.shard_size = directory, name, split, shard_size
         self.buffer: np.ndarray | None = None  # allocated on first use: a split may stay empty
+        self.labels: np.ndarray | None = None  # chat data only
         self.filled = 0
         self.num_tokens = 0
         self.paths: list[Path] = []
         self.records: list[dict[str, Any]] = []  # meta.json's entry for each shard written
 
-    def add(self, tokens: np.ndarray) -> None:
+    def add(self, tokens: np.ndarray, labels: np.ndarray | None = None) -> None:
         assert tokens.dtype == np.uint16 and tokens.ndim == 1, (tokens.dtype, tokens.shape)
+        assert labels is None or labels.shape == tokens.shape, (labels.shape, tokens.shape)
         if self.buffer is None:
             self.buffer = np.empty(self.shard_size, dtype=np.uint16)
+            self.labels = None if labels is None else np.empty(self.shard_size, dtype=shards.LABEL_DTYPE)
+        assert (labels is None) == (self.labels is None), "a split's examples all have labels or none"
         while tokens.size:
             take = min(self.shard_size - self.filled, tokens.size)
             self.buffer[self.filled : self.filled + take] = tokens[:take]
+            if labels is not None:
+                self.labels[self.filled : self.filled + take] = labels[:take]  # type: ignore[index]
+                labels = labels[take:]
             self.filled += take
             tokens = tokens[take:]
             if self.filled == self.shard_size:
@@ -173,6 +203,8 @@ class ShardWriter:
         path = self.directory / shards.shard_name(self.name, self.split, len(self.paths))
         shards.write_shard(path, self.buffer[: self.filled])
         self.records.append(shard_record(path, self.split, self.buffer[: self.filled]))
+        if self.labels is not None:
+            shards.write_labels(path, self.labels[: self.filled])
         self.paths.append(path)
         self.num_tokens += self.filled
         self.filled = 0
@@ -231,13 +263,26 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     staging = start_clean(out_dir, name)
     writers = {split: ShardWriter(staging, name, split, config.shard_size) for split in shards.SPLITS}
     num_proc = config.num_proc or os.cpu_count() or 1
+    bad = chat_source.BadLines(config.skip_bad)
+    conversations = {split: 0 for split in shards.SPLITS}
+    longest = 0  # chat: tokens of the longest conversation (what --block_size must hold)
     try:
-        pieces, source, eot_first = corpus_pieces(config, out_dir)
+        if config.is_chat:
+            found, source = chat_source.conversations(config.input, config.dataset, config.val_fraction, bad)
+            encode = functools.partial(chat_source.encode_batch, block_size=config.block_size, truncate=config.truncate)
+            examples = chat_source.accepted(bounded_imap(encode, chat_source.batches(found), num_proc), bad)
+            eot = "starts each conversation and ends each assistant turn (jaxgpt.chat)"
+        else:
+            pieces, source, eot_first = corpus_pieces(config, out_dir)
+            encoded = bounded_imap(encode_pieces, group_pieces(pieces), num_proc)
+            examples = ((split, tokens, None) for batch in encoded for split, tokens in batch)
+            eot = "before each document" if eot_first else "none (one document per split)"
         with tqdm(desc=f"tokenizing {name}", unit="tok", unit_scale=True, disable=None) as progress:
-            for encoded in bounded_imap(encode_pieces, group_pieces(pieces), num_proc):
-                for split, tokens in encoded:
-                    writers[split].add(tokens)
-                    progress.update(tokens.size)
+            for split, tokens, labels in examples:
+                writers[split].add(tokens, labels)
+                conversations[split] += 1
+                longest = max(longest, tokens.size)
+                progress.update(tokens.size)
         for writer in writers.values():
             writer.flush()
         check_not_empty(writers, config.val_fraction, source)
@@ -250,13 +295,18 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         "tokenizer": get_tokenizer().name,
         "vocab_size": get_tokenizer().vocab_size,
         "eot_id": get_tokenizer().eot_id,
-        "eot": "before each document" if eot_first else "none (one document per split)",
+        "eot": eot,
         "dtype": "uint16",
         "val_fraction": config.val_fraction,
         "shard_size": config.shard_size,
         "splits": {s: {"tokens": w.num_tokens, "shards": len(w.paths)} for s, w in writers.items()},
         "shards": [record for writer in writers.values() for record in writer.records],
     }
+    if config.is_chat:
+        meta.update(format="chat", template=TEMPLATE, block_size=config.block_size, truncate=config.truncate)
+        meta.update(longest_conversation=longest, skipped_bad_lines=bad.count, first_skipped=bad.first)
+        for split, count in conversations.items():
+            meta["splits"][split]["conversations"] = count
     publish(staging, out_dir, name, meta)
     return meta
 
@@ -269,6 +319,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"wrote {config.output_dir}: train {counts['train']['tokens']:,} tokens in {counts['train']['shards']} shards, "
         f"val {counts['val']['tokens']:,} tokens in {counts['val']['shards']} shards"
     )
+    if config.is_chat:
+        conversations = f"{counts['train']['conversations']:,} train and {counts['val']['conversations']:,} val"
+        skipped = f"; skipped {meta['skipped_bad_lines']} bad lines (first: {meta['first_skipped']})"
+        longest = f", the longest {meta['longest_conversation']} tokens"
+        print(f"conversations: {conversations}{longest}" + (skipped if meta["skipped_bad_lines"] else ""))
 
 
 if __name__ == "__main__":

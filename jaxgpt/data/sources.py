@@ -160,29 +160,34 @@ def folder_documents(folder: Path, chunk_chars: int = CHUNK_CHARS) -> Iterator[I
             yield from ([text] for text in jsonl_texts(path))
 
 
-def hub_documents(dataset: str) -> Iterator[Iterable[str]]:
-    """Streams a Hugging Face hub dataset's ``text`` column (needs ``datasets`` and the network)."""
-    repo, config = HUB_DATASETS[dataset]
+def hub_rows(repo: str, config: str | None, split: str = "train") -> Iterator[dict]:
+    """Streams the rows of a Hugging Face hub dataset (needs ``datasets`` and the network)."""
     try:
         import datasets  # lazily: optional, and slow to import
     except ImportError as err:
         raise UserError(
-            f"--dataset {dataset} streams {repo} through the `datasets` library, which is not installed "
+            f"{repo} is streamed through the `datasets` library, which is not installed "
             f"(pip install datasets); {LOCAL_HINT}"
         ) from err
     try:
-        rows = iter(datasets.load_dataset(repo, name=config, split="train", streaming=True))
+        rows = iter(datasets.load_dataset(repo, name=config, split=split, streaming=True))
         first = next(rows, None)
     except Exception as err:  # offline: requests/hub/datasets raise many different types
         raise UserError(f"could not stream {repo} from the Hugging Face hub ({err}); offline? {LOCAL_HINT}") from err
     if first is None:
         return
-    yield [first["text"]]
+    yield first
     try:
-        for row in rows:
-            yield [row["text"]]
+        yield from rows
     except OSError as err:
         raise UserError(f"lost the connection while streaming {repo} ({err}); run again to restart") from err
+
+
+def hub_documents(dataset: str) -> Iterator[Iterable[str]]:
+    """Streams a Hugging Face hub dataset's ``text`` column, one document per row."""
+    repo, config = HUB_DATASETS[dataset]
+    for row in hub_rows(repo, config):
+        yield [row["text"]]
 
 
 def fetch(url: str, timeout: float = 30.0) -> bytes:

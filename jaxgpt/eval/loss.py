@@ -13,6 +13,11 @@ to the fixed batch shape and the padding gets weight 0, so nothing is dropped an
 nothing counts twice. ``max_tokens`` scores only the first ``max_tokens`` targets
 ``x[1] .. x[max_tokens]``. The loss is the mean negative log-likelihood over the scored
 tokens (summed in float64 on the host) and the perplexity its exponential.
+
+Chat shards (with label shards) are scored as training reads them: one conversation a
+row, in order, and only the targets the loss mask keeps (the assistants' tokens), so the
+loss is the mean over every scored token of the split, however long each conversation.
+``max_batches`` (both kinds) scores only the first ``max_batches * batch_size`` examples.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jaxgpt.data.pipeline import TokenStream
+from jaxgpt.data.pipeline import Conversations, TokenStream
 from jaxgpt.data.shards import list_shards
 from jaxgpt.errors import UserError
 from jaxgpt.eval.scoring import RowScorer, pack_rows
@@ -51,6 +56,7 @@ def evaluate_loss(
     batch_size: int,
     block_size: int | None = None,
     max_tokens: int | None = None,
+    max_batches: int | None = None,
     split: str = "val",
     mesh: Mesh | None = None,
     progress: bool = False,
@@ -67,10 +73,19 @@ def evaluate_loss(
         raise UserError(f"batch_size must be positive, got {batch_size}")
     if max_tokens is not None and max_tokens < 1:
         raise UserError(f"max_tokens must be positive, got {max_tokens}")
+    if max_batches is not None and max_batches < 1:
+        raise UserError(f"max_batches must be positive, got {max_batches}")
     scorer = RowScorer(model, mesh)
     scorer.check_rows(batch_size, "batch size")
     paths = list_shards(data_dir, split)
     stream = TokenStream(paths, vocab_size=model.config.vocab_size)
+    if stream.labels is not None:
+        if max_tokens is not None:
+            raise UserError(f"{data_dir} holds chat data, scored by conversation: max_tokens does not apply")
+        return conversation_loss(Conversations(stream, block_size), scorer, batch_size, max_batches, progress)
+    if max_batches is not None:
+        limit = max_batches * batch_size * block_size
+        max_tokens = limit if max_tokens is None else min(max_tokens, limit)
     end = stream.num_tokens if max_tokens is None else min(stream.num_tokens, max_tokens + 1)
     num_tokens = end - 1
     if num_tokens < 1:
@@ -88,3 +103,21 @@ def evaluate_loss(
     assert counted == num_tokens, (counted, num_tokens)
     loss = float(-total_log_likelihood / num_tokens)
     return {"val_loss": loss, "perplexity": math.exp(loss), "num_tokens": num_tokens}
+
+
+def conversation_loss(
+    conversations: Conversations, scorer: RowScorer, batch_size: int, max_batches: int | None, progress: bool
+) -> dict:
+    """Mean loss over the masked targets of the first conversations (all, or ``max_batches`` batches of them)."""
+    count = len(conversations) if max_batches is None else min(len(conversations), max_batches * batch_size)
+    total_log_likelihood, scored = 0.0, 0.0
+    for first in tqdm(range(0, count, batch_size), desc="conversations", unit="batch", disable=not progress):
+        batch = conversations.batch(np.arange(first, min(first + batch_size, count)))
+        missing = ((0, batch_size - len(batch["inputs"])), (0, 0))  # the last batch: rows of weight 0
+        inputs, targets, weights = (np.pad(batch[k], missing) for k in ("inputs", "targets", "weights"))
+        total_log_likelihood += scorer(inputs, targets, weights).sum()
+        scored += float(weights.sum())
+    if scored == 0:
+        raise UserError("the conversations scored hold no assistant tokens to score")
+    loss = float(-total_log_likelihood / scored)
+    return {"val_loss": loss, "perplexity": math.exp(loss), "num_tokens": int(scored)}
