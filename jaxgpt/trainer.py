@@ -29,7 +29,7 @@ from jaxgpt.eval.hellaswag import HellaSwagItem, evaluate_hellaswag, load_hellas
 from jaxgpt.eval.loss import evaluate_loss
 from jaxgpt.loading import load_model
 from jaxgpt.model import GPT, non_embedding_params
-from jaxgpt.optim import learning_rate_schedule, make_optimizer
+from jaxgpt.optim import optimizer_from_config
 from jaxgpt.params import ParamCodec
 from jaxgpt.run_dir import MetricsWriter, read_run_file, write_run_file
 from jaxgpt.sampling import generate
@@ -90,10 +90,7 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
 
     data = DataConfig(cfg.data_dir, model_config.block_size, cfg.batch_size, cfg.seed, cfg.data_workers)
     codec = ParamCodec(model_config)
-    schedule = learning_rate_schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.decay_steps)
-    tx = make_optimizer(
-        schedule, weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, grad_clip=cfg.grad_clip
-    )
+    schedule, tx = optimizer_from_config(cfg)
     shardings = train_state_shardings(codec, tx, mesh, cfg.fsdp)
     if latest is not None:  # restore into shapes only: nothing is initialised just to be overwritten
         abstract = jax.eval_shape(lambda p: init_train_state(p, tx, cfg.seed), codec.abstract)
