@@ -18,26 +18,26 @@ import os
 if not any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/accel0", "/dev/vfio")):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
-from jaxgpt.cli import add_dataclass_arguments, build, option, run  # noqa: E402
-from jaxgpt.hlo_cost import program_cost  # noqa: E402
-from jaxgpt.metrics import flops_per_token  # noqa: E402
-from jaxgpt.model import GPT, non_embedding_params, resolve_attention  # noqa: E402
-from jaxgpt.optim import optimizer_from_config  # noqa: E402
-from jaxgpt.params import ParamCodec  # noqa: E402
-from jaxgpt.sharding import DATA, check_batch_divisible, make_mesh  # noqa: E402
-from jaxgpt.targets import Target, compiling_for, get_target, target_devices  # noqa: E402
-from jaxgpt.train_config import RunConfig, parse_run_config  # noqa: E402
-from jaxgpt.train_step import (  # noqa: E402
+from jaxgpt.cli import add_dataclass_arguments, build, option, run
+from jaxgpt.hlo_cost import program_cost
+from jaxgpt.metrics import flops_per_token
+from jaxgpt.model import GPT, non_embedding_params, resolve_attention
+from jaxgpt.optim import optimizer_from_config
+from jaxgpt.params import ParamCodec
+from jaxgpt.sharding import DATA, check_batch_divisible, make_mesh
+from jaxgpt.targets import Target, compiling_for, get_target, target_devices
+from jaxgpt.train_config import RunConfig, parse_run_config
+from jaxgpt.train_step import (
     accumulated_batch_sharding,
     init_train_state,
     jit_train_step,
@@ -200,9 +200,7 @@ def format_plan(plan: Plan) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m jaxgpt.plan", description=__doc__.splitlines()[0], add_help=False
-    )
+    parser = argparse.ArgumentParser(prog="python -m jaxgpt.plan", description=__doc__.splitlines()[0], add_help=False)
     add_dataclass_arguments(parser, PlanConfig)
     plan_args, train_argv = parser.parse_known_args(argv)
     if "-h" in train_argv or "--help" in train_argv:
