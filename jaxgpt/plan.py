@@ -18,7 +18,6 @@ import os
 if not any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/accel0", "/dev/vfio")):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -28,22 +27,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgpt.cli import add_dataclass_arguments, build, option, run
+from jaxgpt.cli import ArgumentParser, add_dataclass_arguments, build, run
 from jaxgpt.hlo_cost import program_cost
 from jaxgpt.metrics import flops_per_token
 from jaxgpt.model import GPT, non_embedding_params, resolve_attention
 from jaxgpt.optim import optimizer_from_config
+from jaxgpt.options import option
 from jaxgpt.params import ParamCodec
-from jaxgpt.sharding import DATA, check_batch_divisible, make_mesh
+from jaxgpt.sharding import DATA, accumulated_batch_sharding, check_batch_divisible, make_mesh
 from jaxgpt.targets import Target, compiling_for, get_target, target_devices
 from jaxgpt.train_config import RunConfig, parse_run_config
-from jaxgpt.train_step import (
-    accumulated_batch_sharding,
-    init_train_state,
-    jit_train_step,
-    make_train_step,
-    train_state_shardings,
-)
+from jaxgpt.train_state import init_train_state
+from jaxgpt.train_step import jit_train_step, make_train_step, train_state_shardings
 
 GiB = 2**30
 
@@ -90,7 +85,7 @@ def compile_step(run_config: RunConfig, target: Target, devices: list) -> jax.st
 
     Call it inside ``compiling_for(target.platform)``: the model picks its attention kernel when built.
     """
-    cfg, model = run_config.train, run_config.model
+    cfg, model = run_config.train_config, run_config.model_config
     mesh = make_mesh(cfg.mesh, devices)
     check_batch_divisible(cfg.batch_size, mesh, "--batch_size")
     codec = ParamCodec(model)
@@ -106,7 +101,7 @@ def compile_step(run_config: RunConfig, target: Target, devices: list) -> jax.st
 
 
 def make_plan(run_config: RunConfig, target: Target, devices: list) -> Plan:
-    cfg, model = run_config.train, run_config.model
+    cfg, model = run_config.train_config, run_config.model_config
     with compiling_for(target.platform):
         compiled = compile_step(run_config, target, devices)
         attention = resolve_attention(model)
@@ -151,15 +146,15 @@ def make_plan(run_config: RunConfig, target: Target, devices: list) -> Plan:
 
 def largest_batch(run_config: RunConfig, target: Target, devices: list, fits_at: int | None) -> int | None:
     """The largest micro-batch (a multiple of the data axis) that compiles to fit without remat."""
-    step = make_mesh(run_config.train.mesh, devices).shape[DATA]
+    step = make_mesh(run_config.train_config.mesh, devices).shape[DATA]
 
     def fits(batch: int) -> bool:
-        train = dataclasses.replace(run_config.train, batch_size=batch)
-        plan = make_plan(dataclasses.replace(run_config, train=train), target, devices)
+        train = dataclasses.replace(run_config.train_config, batch_size=batch)
+        plan = make_plan(dataclasses.replace(run_config, train_config=train), target, devices)
         print(f"  micro-batch {batch}: {plan.total_bytes / GiB:.1f} GiB, fits={plan.fits}", file=sys.stderr)
         return plan.fits
 
-    low, high = (fits_at, None) if fits_at else (0, run_config.train.batch_size)
+    low, high = (fits_at, None) if fits_at else (0, run_config.train_config.batch_size)
     while high is None:  # double until it no longer fits
         high = None if fits(2 * low) else 2 * low
         low = 2 * low if high is None else low
@@ -200,7 +195,7 @@ def format_plan(plan: Plan) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jaxgpt.plan", description=__doc__.splitlines()[0], add_help=False)
+    parser = ArgumentParser(prog="python -m jaxgpt.plan", description=__doc__.splitlines()[0], add_help=False)
     add_dataclass_arguments(parser, PlanConfig)
     plan_args, train_argv = parser.parse_known_args(argv)
     if "-h" in train_argv or "--help" in train_argv:
