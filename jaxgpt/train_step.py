@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jaxgpt.losses import cross_entropy
+from jaxgpt.losses import model_loss
 from jaxgpt.params import ParamCodec, Params
 from jaxgpt.sharding import accumulated_batch_sharding, replicated
 from jaxgpt.train_state import TrainState
@@ -36,8 +36,7 @@ def train_state_shardings(codec: ParamCodec, tx: optax.GradientTransformation, m
 
 
 def loss_fn(codec: ParamCodec, params: Params, inputs: jax.Array, targets: jax.Array, key: jax.Array | None):
-    model = codec.to_model(params)
-    return cross_entropy(model(inputs, dropout_key=key), targets)
+    return model_loss(codec.to_model(params), inputs, targets, key)
 
 
 def make_train_step(

@@ -124,7 +124,7 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
 def _pretrained(run_config: RunConfig) -> tuple[GPTConfig, dict[str, np.ndarray]]:
     """Weights to fine-tune from: the checkpoint fixes the shapes, the command line the rest."""
     asked = run_config.model_config
-    keep = ("dropout", "dtype", "pad_vocab_multiple", "attention", "remat", "param_dtype")
+    keep = ("dropout", "dtype", "pad_vocab_multiple", "attention", "loss", "remat", "param_dtype")
     pretrained = load_model(run_config.train_config.init_from, **{k: getattr(asked, k) for k in keep})
     config = pretrained.config
     params = ParamCodec(config).to_host(pretrained)

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxgpt.losses import token_log_probs
+from jaxgpt.losses import model_log_probs
 from jaxgpt.model import GPT
 from jaxgpt.sharding import batch_sharding, check_batch_divisible
 
@@ -28,7 +28,7 @@ def _row_log_likelihood(
     graphdef: nnx.GraphDef, state: nnx.State, inputs: jax.Array, targets: jax.Array, weights: jax.Array
 ) -> jax.Array:
     model = nnx.merge(graphdef, state)
-    return (token_log_probs(model(inputs), targets) * weights).sum(axis=-1)
+    return (model_log_probs(model, inputs, targets) * weights).sum(axis=-1)
 
 
 class RowScorer:
