@@ -19,7 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-CHUNK_TOKENS = 8192  # tokens per tile (global): a GPT-2 tile of bf16 logits is 0.8 GB
+CHUNK_TOKENS = 4096  # tokens per tile (global): a GPT-2 tile of float32 logits is 0.8 GB
 
 
 def _tile_length(batch: int, seq_len: int, chunk_tokens: int) -> int:

@@ -51,6 +51,7 @@ class PlanConfig:
     num_devices: int = option(1, "devices of the target; --mesh (default all on data) must cover them")
     json: bool = option(False, "print one JSON object instead of the table")
     find_max_batch: bool = option(False, "also search, by compiling, the largest micro-batch that fits without remat")
+    dump_hlo: str | None = option(None, "write the optimised HLO of the step to this file (to see where bytes go)")
 
 
 @dataclasses.dataclass
@@ -100,14 +101,18 @@ def compile_step(run_config: RunConfig, target: Target, devices: list) -> jax.st
     return step.lower(state, {"inputs": tokens, "targets": tokens}).compile()
 
 
-def make_plan(run_config: RunConfig, target: Target, devices: list) -> Plan:
+def make_plan(run_config: RunConfig, target: Target, devices: list, dump_hlo: str | None = None) -> Plan:
     cfg, model = run_config.train_config, run_config.model_config
     with compiling_for(target.platform):
         compiled = compile_step(run_config, target, devices)
         attention = resolve_attention(model)
         n_params = non_embedding_params(nnx.eval_shape(lambda: GPT(model, nnx.Rngs(0))))
     memory = compiled.memory_analysis()
-    cost = program_cost(compiled.runtime_executable().hlo_modules()[0])
+    module = compiled.runtime_executable().hlo_modules()[0]
+    if dump_hlo:
+        with open(dump_hlo, "w") as f:
+            f.write(module.to_string())
+    cost = program_cost(module)
     n = len(devices)
     tokens = cfg.tokens_per_step(model.block_size)
     total = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
@@ -206,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     run_config = parse_run_config(train_argv)
     target = get_target(config.target)
     devices = target_devices(target, config.num_devices)
-    plan = make_plan(run_config, target, devices)
+    plan = make_plan(run_config, target, devices, config.dump_hlo)
     if config.find_max_batch:
         plan.max_batch_size = largest_batch(run_config, target, devices, plan.batch_size if plan.fits else None)
     print(json.dumps(dataclasses.asdict(plan)) if config.json else format_plan(plan))
