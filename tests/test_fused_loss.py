@@ -1,12 +1,17 @@
-"""The fused head + cross-entropy against the plain path: logits materialised, then losses.cross_entropy."""
+"""The fused head + cross-entropy against the plain path: logits materialised, then losses.cross_entropy;
+alone, and as GPTConfig.loss through the model, the train loss and the evaluation scorer."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from jaxgpt.config import GPTConfig
+from jaxgpt.eval.scoring import RowScorer
 from jaxgpt.fused_loss import fused_cross_entropy, fused_token_log_probs
-from jaxgpt.losses import cross_entropy, token_log_probs
+from jaxgpt.losses import cross_entropy, model_loss, resolve_loss, token_log_probs
+from jaxgpt.model import GPT
 
 VOCAB, PADDED, C = 100, 128, 32
 
@@ -67,3 +72,35 @@ def test_gradient_scales_with_the_cotangent():
     (g1h, g1e), (g3h, g3e) = grads(1.0), grads(3.0)
     np.testing.assert_allclose(g3h, 3 * g1h, rtol=1e-6)
     np.testing.assert_allclose(g3e, 3 * g1e, rtol=1e-6)
+
+
+def _tiny_gpts():
+    """The same tiny GPT (vocabulary padded 100 -> 128) with the plain and the fused loss."""
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=VOCAB, pad_vocab_multiple=64)
+    plain = GPT(config.replace(loss="plain"), nnx.Rngs(0))
+    fused = GPT(config.replace(loss="fused"), nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(3), (4, 16), 0, VOCAB)
+    return plain, fused, tokens
+
+
+def test_train_loss_and_grads_match_plain_path_through_the_model():
+    plain, fused, tokens = _tiny_gpts()
+    assert resolve_loss(plain) == "plain" and resolve_loss(fused) == "fused"
+
+    def loss_and_grads(model):
+        return nnx.value_and_grad(lambda m: model_loss(m, tokens[:, :-1], tokens[:, 1:]))(model)
+
+    (loss, grads), (ref_loss, ref_grads) = loss_and_grads(fused), loss_and_grads(plain)
+    assert abs(float(loss) - float(ref_loss)) <= 1e-5 * float(ref_loss)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        assert _rel(got, want) < 1e-5
+
+
+def test_scoring_matches_plain_path():
+    plain, fused, tokens = _tiny_gpts()
+    inputs, targets = np.asarray(tokens[:, :-1]), np.asarray(tokens[:, 1:])
+    weights = np.ones(inputs.shape, np.float32)
+    weights[:, :5] = 0
+    np.testing.assert_allclose(
+        RowScorer(fused)(inputs, targets, weights), RowScorer(plain)(inputs, targets, weights), rtol=1e-5
+    )
