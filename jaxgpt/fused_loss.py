@@ -41,8 +41,13 @@ def _tile_logits(h: jax.Array, embedding: jax.Array, vocab_size: int) -> jax.Arr
     return logits
 
 
-def _picked(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+def _target_logits(h: jax.Array, embedding: jax.Array, targets: jax.Array) -> jax.Array:
+    """float32 [B, t]: each target's logit from its embedding row, so the logits tile is not read for it.
+
+    Rounded through the compute dtype like the head's matmul output, so it equals the tile's entry.
+    """
+    dot = jnp.einsum("btc,btc->bt", h, embedding[targets], preferred_element_type=jnp.float32)
+    return dot.astype(h.dtype).astype(jnp.float32)
 
 
 def _tiled(h: jax.Array, targets: jax.Array, weights: jax.Array, chunk_tokens: int):
@@ -66,9 +71,10 @@ def fused_token_log_probs(
 
     def body(i, out):
         start = i * tile
-        logits = _tile_logits(jax.lax.dynamic_slice_in_dim(h, start, tile, axis=1), embedding, vocab_size)
+        h_tile = jax.lax.dynamic_slice_in_dim(h, start, tile, axis=1)
+        logits = _tile_logits(h_tile, embedding, vocab_size)
         tile_targets = jax.lax.dynamic_slice_in_dim(targets, start, tile, axis=1)
-        log_probs = _picked(logits, tile_targets) - jax.nn.logsumexp(logits, axis=-1)
+        log_probs = _target_logits(h_tile, embedding, tile_targets) - jax.nn.logsumexp(logits, axis=-1)
         return jax.lax.dynamic_update_slice_in_dim(out, log_probs, start, axis=1)
 
     out = jax.lax.fori_loop(0, n_tiles, body, jnp.zeros(targets.shape, jnp.float32))
@@ -95,7 +101,7 @@ def _weighted_nll_fwd(h, embedding, targets, weights, vocab_size, chunk_tokens):
         tile_weights = jax.lax.dynamic_slice_in_dim(weights, start, tile, axis=1)
         logits = _tile_logits(h_tile, head, vocab_size)
         lse = jax.nn.logsumexp(logits, axis=-1)
-        loss += ((lse - _picked(logits, tile_targets)) * tile_weights).sum()
+        loss += ((lse - _target_logits(h_tile, head, tile_targets)) * tile_weights).sum()
         # d loss / d logits = weight * (softmax - onehot); masked ids have softmax exactly 0.
         onehot = jnp.arange(logits.shape[-1]) == tile_targets[..., None]
         grad_logits = ((jnp.exp(logits - lse[..., None]) - onehot) * tile_weights[..., None]).astype(h.dtype)
