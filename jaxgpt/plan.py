@@ -21,7 +21,7 @@ if not any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/accel0", "/dev/vfio
 import dataclasses
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -149,24 +149,32 @@ def make_plan(run_config: RunConfig, target: Target, devices: list, dump_hlo: st
     )
 
 
-def largest_batch(run_config: RunConfig, target: Target, devices: list, fits_at: int | None) -> int | None:
-    """The largest micro-batch (a multiple of the data axis) that compiles to fit without remat."""
-    step = make_mesh(run_config.train_config.mesh, devices).shape[DATA]
+def largest_batch(fits: Callable[[int], bool], start: int, fits_at_start: bool, step: int) -> int | None:
+    """The largest multiple of ``step`` for which ``fits`` holds (doubling from ``start``, then bisecting).
 
+    Assumes that fitting is monotone in the batch size; None if not even ``step`` fits.
+    """
+    low, high = (start, None) if fits_at_start else (0, start)
+    while high is None:
+        if fits(2 * low):
+            low *= 2
+        else:
+            high = 2 * low
+    while high - low > step:
+        mid = (low + high) // 2 // step * step
+        assert low < mid < high, (low, mid, high)  # both ends are multiples of step
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low or None
+
+
+def _fits_without_remat(run_config: RunConfig, target: Target, devices: list) -> Callable[[int], bool]:
     def fits(batch: int) -> bool:
         train = dataclasses.replace(run_config.train_config, batch_size=batch)
         plan = make_plan(dataclasses.replace(run_config, train_config=train), target, devices)
         print(f"  micro-batch {batch}: {plan.total_bytes / GiB:.1f} GiB, fits={plan.fits}", file=sys.stderr)
         return plan.fits
 
-    low, high = (fits_at, None) if fits_at else (0, run_config.train_config.batch_size)
-    while high is None:  # double until it no longer fits
-        high = None if fits(2 * low) else 2 * low
-        low = 2 * low if high is None else low
-    while high - low > step:
-        mid = (low + high) // 2 // step * step
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return low or None
+    return fits
 
 
 def format_plan(plan: Plan) -> str:
@@ -213,7 +221,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     devices = target_devices(target, config.num_devices)
     plan = make_plan(run_config, target, devices, config.dump_hlo)
     if config.find_max_batch:
-        plan.max_batch_size = largest_batch(run_config, target, devices, plan.batch_size if plan.fits else None)
+        data_axis = make_mesh(run_config.train_config.mesh, devices).shape[DATA]
+        fits = _fits_without_remat(run_config, target, devices)
+        plan.max_batch_size = largest_batch(fits, plan.batch_size, plan.fits, data_axis)
     print(json.dumps(dataclasses.asdict(plan)) if config.json else format_plan(plan))
 
 

@@ -61,3 +61,12 @@ def test_h100_plan_uses_cudnn_attention():
     assert result.device_kind == "NVIDIA H100 80GB HBM3" and result.attention == "cudnn"
     assert any("fmha" in name for name in result.custom_calls) and result.custom_call_bytes_per_token > 0
     assert result.fits and result.roofline_tokens_per_s > 0
+
+
+@pytest.mark.parametrize("limit", [3, 12, 13, 100])
+@pytest.mark.parametrize("start", [4, 16])
+def test_largest_batch_search(limit, start):
+    tried = []
+    fits = lambda batch: tried.append(batch) or batch <= limit
+    assert plan.largest_batch(fits, start, start <= limit, step=4) == ((limit // 4 * 4) or None)
+    assert all(batch % 4 == 0 for batch in tried)
