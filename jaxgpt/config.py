@@ -10,6 +10,7 @@ from jaxgpt.options import option
 
 DType = Literal["float32", "bfloat16", "float16"]
 AttentionImpl = Literal["xla", "cudnn", "auto"]
+LossImpl = Literal["fused", "plain", "auto"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +27,9 @@ class GPTConfig:
     dtype: DType = option("float32", "compute dtype of activations and matmuls")
     param_dtype: DType = option("float32", "storage dtype of the parameters (keep float32 to train)")
     attention: AttentionImpl = option("auto", "attention kernel: xla, cudnn (flash, GPU) or auto")
+    loss: LossImpl = option(
+        "auto", "head + cross-entropy: fused (tiled, no [tokens, vocab] logits), plain, or auto (plain on CPU)"
+    )
     remat: bool = option(False, "rematerialise each block in the backward pass (saves memory, costs FLOPs)")
     layer_norm_eps: float = option(1e-5, "LayerNorm epsilon (GPT-2: 1e-5)")
 

@@ -1,9 +1,18 @@
-"""Next-token cross-entropy, shared by training, validation and evaluation."""
+"""Next-token cross-entropy, shared by training, validation and evaluation.
+
+``model_loss`` and ``model_log_probs`` run a model's output head and the loss either plainly
+(float32 logits [B, T, vocab], then the loss) or fused (``jaxgpt.fused_loss``: tile by tile, no
+[B, T, vocab] tensor), as ``GPTConfig.loss`` says; both give the same numbers.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from jaxgpt.fused_loss import fused_cross_entropy, fused_token_log_probs, fused_weighted_nll
+from jaxgpt.model import GPT
+from jaxgpt.targets import compile_platform
 
 
 def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -21,3 +30,36 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | No
         return nll.mean()
     weights = weights.astype(jnp.float32)
     return (nll * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def resolve_loss(model: GPT) -> str:
+    """``fused`` or ``plain``; auto is plain on the CPU, where the plain path measured faster (docs/benchmarks.md)."""
+    if model.config.loss == "auto":
+        return "plain" if compile_platform() == "cpu" else "fused"
+    return model.config.loss
+
+
+def model_log_probs(model: GPT, inputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """log p(target) float32 [B, T] under ``model`` reading ``inputs`` (no dropout)."""
+    if resolve_loss(model) == "plain":
+        return token_log_probs(model(inputs), targets)
+    embedding = model.wte.embedding[...]
+    return fused_token_log_probs(model.features(inputs), embedding, targets, model.config.vocab_size)
+
+
+def model_loss(model: GPT, inputs: jax.Array, targets: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+    """Mean next-token cross-entropy of ``model`` on a batch: the training loss."""
+    if resolve_loss(model) == "plain":
+        return cross_entropy(model(inputs, dropout_key=dropout_key), targets)
+    features = model.features(inputs, dropout_key=dropout_key)
+    return fused_cross_entropy(features, model.wte.embedding[...], targets, model.config.vocab_size)
+
+
+def model_weighted_nll(
+    model: GPT, inputs: jax.Array, targets: jax.Array, weights: jax.Array, dropout_key: jax.Array | None = None
+) -> jax.Array:
+    """sum(weights * -log p(target)) of ``model`` on a batch: a masked (chat) loss before normalising."""
+    if resolve_loss(model) == "plain":
+        return -(token_log_probs(model(inputs, dropout_key=dropout_key), targets) * weights).sum()
+    features = model.features(inputs, dropout_key=dropout_key)
+    return fused_weighted_nll(features, model.wte.embedding[...], targets, model.config.vocab_size, weights)

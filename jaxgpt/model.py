@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgpt.config import GPTConfig
+from jaxgpt.targets import compile_platform
 
 Array = jax.Array
 
@@ -134,12 +135,12 @@ def non_embedding_params(model: GPT) -> int:
 
 def resolve_attention(config: GPTConfig) -> str:
     """The attention kernel to use: cuDNN flash attention needs a GPU and 16-bit compute."""
-    on_gpu = jax.default_backend() == "gpu"
+    on_gpu = compile_platform() == "gpu"
     supported = on_gpu and config.dtype in ("bfloat16", "float16") and config.head_dim <= 128
     if config.attention == "cudnn" and not supported:
         warnings.warn(
             f"attention='cudnn' needs a GPU and bfloat16/float16 compute (backend "
-            f"{jax.default_backend()}, dtype {config.dtype}); falling back to 'xla'",
+            f"{compile_platform()}, dtype {config.dtype}); falling back to 'xla'",
             stacklevel=2,
         )
         return "xla"

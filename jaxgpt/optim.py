@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxgpt.train_config import TrainConfig
+
 
 def learning_rate_schedule(lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> optax.Schedule:
     """Linear warmup from lr/warmup to lr, then cosine decay to ``min_lr`` at ``decay_steps``; flat after.
@@ -44,3 +46,12 @@ def make_optimizer(
     clip = optax.clip_by_global_norm(grad_clip) if grad_clip > 0 else optax.identity()
     adamw = optax.adamw(schedule, b1=beta1, b2=beta2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
     return optax.chain(clip, adamw)
+
+
+def optimizer_from_config(cfg: TrainConfig) -> tuple[optax.Schedule, optax.GradientTransformation]:
+    """The schedule and optimizer a training run uses (train.py and the compile plan share it)."""
+    schedule = learning_rate_schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.decay_steps)
+    tx = make_optimizer(
+        schedule, weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, grad_clip=cfg.grad_clip
+    )
+    return schedule, tx

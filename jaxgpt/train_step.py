@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jaxgpt.losses import cross_entropy, token_log_probs
+from jaxgpt.losses import model_loss, model_weighted_nll
 from jaxgpt.params import ParamCodec, Params
 from jaxgpt.sharding import accumulated_batch_sharding, replicated
 from jaxgpt.train_state import TrainState
@@ -48,10 +48,10 @@ def loss_fn(
     """One micro-batch's share of the step's loss: its mean times ``scale``, or with ``weights`` their
     weighted sum times ``scale`` (1 / the step's total weight, so the step's loss is the mean over
     every weighted token of every micro-batch, not a mean of micro-batch means)."""
-    logits = codec.to_model(params)(inputs, dropout_key=key)
+    model = codec.to_model(params)
     if weights is None:
-        return cross_entropy(logits, targets) * scale
-    return -(token_log_probs(logits, targets) * weights).sum() * scale
+        return model_loss(model, inputs, targets, key) * scale
+    return model_weighted_nll(model, inputs, targets, weights, key) * scale
 
 
 def make_train_step(

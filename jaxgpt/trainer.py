@@ -31,7 +31,7 @@ from jaxgpt.eval.hellaswag import HellaSwagItem, evaluate_hellaswag, load_hellas
 from jaxgpt.eval.loss import evaluate_loss
 from jaxgpt.loading import load_model
 from jaxgpt.model import GPT, non_embedding_params
-from jaxgpt.optim import learning_rate_schedule, make_optimizer
+from jaxgpt.optim import optimizer_from_config
 from jaxgpt.params import ParamCodec
 from jaxgpt.profiling import StepProfiler, parse_profile_steps
 from jaxgpt.run_dir import MetricsWriter, RunLock, make_run_dir, read_run_file, write_run_file
@@ -96,10 +96,7 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
     if cfg.epochs is not None:
         cfg = cfg.for_examples(len(open_examples(cfg.data_dir, "train", model_config.block_size)))
     codec = ParamCodec(model_config)
-    schedule = learning_rate_schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.decay_steps)
-    tx = make_optimizer(
-        schedule, weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, grad_clip=cfg.grad_clip
-    )
+    schedule, tx = optimizer_from_config(cfg)
     shardings = train_state_shardings(codec, tx, mesh, cfg.fsdp)
     if latest is not None:  # restore into shapes only: nothing is initialised just to be overwritten
         abstract = jax.eval_shape(lambda p: init_train_state(p, tx, cfg.seed), codec.abstract)
@@ -139,7 +136,7 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
 def _pretrained(run_config: RunConfig) -> tuple[GPTConfig, dict[str, np.ndarray]]:
     """Weights to fine-tune from: the checkpoint fixes the shapes, the command line the rest."""
     asked = run_config.model_config
-    keep = ("dropout", "dtype", "pad_vocab_multiple", "attention", "remat", "param_dtype")
+    keep = ("dropout", "dtype", "pad_vocab_multiple", "attention", "loss", "remat", "param_dtype")
     pretrained = load_model(run_config.train_config.init_from, **{k: getattr(asked, k) for k in keep})
     config = pretrained.config
     params = ParamCodec(config).to_host(pretrained)

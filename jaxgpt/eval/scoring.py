@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jaxgpt.losses import token_log_probs
+from jaxgpt.losses import model_log_probs, token_log_probs
 from jaxgpt.model import GPT
 from jaxgpt.sharding import batch_sharding, check_batch_divisible
 
@@ -41,10 +41,10 @@ def _row_scores(
     graphdef: nnx.GraphDef, state: nnx.State, inputs: jax.Array, targets: jax.Array, weights: jax.Array, greedy: bool
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     model = nnx.merge(graphdef, state)
-    logits = model(inputs)
-    sums = (token_log_probs(logits, targets) * weights).sum(axis=-1)
     if not greedy:
-        return sums
+        return (model_log_probs(model, inputs, targets) * weights).sum(axis=-1)
+    logits = model(inputs)  # lm-eval's is_greedy needs every position's argmax: the plain head
+    sums = (token_log_probs(logits, targets) * weights).sum(axis=-1)
     return sums, jnp.all((jnp.argmax(logits, axis=-1) == targets) | (weights == 0), axis=-1)
 
 

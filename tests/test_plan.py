@@ -1,0 +1,72 @@
+"""The compile plan: loop-aware costs, the train step it compiles, and (with the CUDA plugin) an H100 plan."""
+
+import importlib.util
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxgpt import plan
+from jaxgpt.hlo_cost import program_cost
+from jaxgpt.targets import get_target, target_devices
+from jaxgpt.train_config import parse_run_config
+
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--vocab_size", "256"]
+
+
+def _optimised_module(fn, *args):
+    return jax.jit(fn).lower(*args).compile().runtime_executable().hlo_modules()[0]
+
+
+def test_loop_bodies_count_once_per_iteration():
+    # XLA's own analysis prices a while body once; ours must see all 5 matmuls of 2*64^3 FLOPs.
+    def loop(x):
+        return jax.lax.fori_loop(0, 5, lambda i, y: jnp.tanh(y @ x), x)
+
+    x = jnp.ones((64, 64), jnp.float32)
+    cost = program_cost(_optimised_module(loop, x))
+    assert 5 * 2 * 64**3 <= cost.flops < 5.5 * 2 * 64**3
+    assert cost.bytes_accessed >= 5 * 2 * x.nbytes and not cost.xla_remat and not cost.custom_calls
+
+
+def _cpu_plan(*flags):
+    run_config = parse_run_config([*TINY, *flags])
+    target = get_target("cpu")
+    return plan.make_plan(run_config, target, target_devices(target, 2))
+
+
+def test_cpu_plan_of_the_train_step():
+    one, accumulated = _cpu_plan("--batch_size", "4"), _cpu_plan("--batch_size", "4", "--grad_accum", "3")
+    assert one.fits and not one.xla_remat and one.num_devices == 2 and one.attention == "xla"
+    assert one.tokens_per_step == 4 * 32 and accumulated.tokens_per_step == 3 * 4 * 32
+    # XLA's FLOPs are the model's (6N + attention) plus the small rest (LayerNorm, softmax, AdamW)...
+    assert one.model_flops_per_token <= one.flops_per_token < 1.3 * one.model_flops_per_token
+    # ...and per token they do not depend on how many micro-batches the step's loop runs.
+    assert accumulated.flops_per_token == pytest.approx(one.flops_per_token, rel=0.05)
+    assert accumulated.argument_bytes > one.argument_bytes  # three micro-batches of tokens come in
+
+
+def test_cli_prints_json(capsys):
+    plan.main(["--target", "cpu", "--json", *TINY, "--batch_size", "2"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["target"] == "cpu" and printed["fits"] and printed["bytes_per_token"] > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is None, reason="needs requirements-plan.txt")
+def test_h100_plan_uses_cudnn_attention():
+    run_config = parse_run_config([*TINY, "--batch_size", "8", "--dtype", "bfloat16", "--attention", "auto"])
+    target = get_target("h100")
+    result = plan.make_plan(run_config, target, target_devices(target, 1))
+    assert result.device_kind == "NVIDIA H100 80GB HBM3" and result.attention == "cudnn"
+    assert any("fmha" in name for name in result.custom_calls) and result.custom_call_bytes_per_token > 0
+    assert result.fits and result.roofline_tokens_per_s > 0
+
+
+@pytest.mark.parametrize("limit", [3, 12, 13, 100])
+@pytest.mark.parametrize("start", [4, 16])
+def test_largest_batch_search(limit, start):
+    tried = []
+    fits = lambda batch: tried.append(batch) or batch <= limit
+    assert plan.largest_batch(fits, start, start <= limit, step=4) == ((limit // 4 * 4) or None)
+    assert all(batch % 4 == 0 for batch in tried)
