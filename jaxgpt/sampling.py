@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxgpt.decoding import decode, init_cache
+from jaxgpt.distributed import to_host
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
 from jaxgpt.sharding import batch_sharding, data_axis_size, kv_cache_sharding
@@ -219,7 +220,7 @@ def generate(
     pending: list[Array] = []  # device arrays the host has not read yet
 
     def read(arrays: list[Array]) -> None:
-        for new in jax.device_get(arrays):
+        for new in to_host(arrays):
             new = new[:batch]
             for row in np.flatnonzero(~ended):
                 out[row].append(int(new[row]))

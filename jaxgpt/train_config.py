@@ -12,6 +12,7 @@ from typing import Any
 
 from jaxgpt.cli import build, parser_for
 from jaxgpt.config import GPTConfig, preset
+from jaxgpt.distributed import LaunchConfig
 from jaxgpt.errors import UserError
 from jaxgpt.options import option
 
@@ -26,7 +27,6 @@ class TrainConfig:
     init_from: str = option("scratch", "scratch, gpt2[-medium|-large|-xl], a HF GPT-2 dir or a jaxgpt out_dir")
     resume: bool = option(False, "continue the run in out_dir from its last checkpoint (also automatic if one exists)")
     mesh: str | None = option(None, "device mesh DxM (data x model parallel); default: every device on data")
-    distributed: bool = option(False, "multi-host: call jax.distributed.initialize() first (SLURM, TPU pods, ...)")
     fsdp: bool = option(False, "also shard parameters and optimizer state over the data axis (ZeRO-3)")
     max_steps: int = option(500, "optimizer steps to train for")
     batch_size: int = option(12, "sequences per micro-batch, global (split over the data axis)")
@@ -158,6 +158,7 @@ class RunConfig:
     train_config: TrainConfig
     model_config: GPTConfig
     model_flags: frozenset[str]  # GPTConfig fields the user set on the command line
+    launch_config: LaunchConfig = LaunchConfig()  # how this process joins a multi-process run
 
 
 def parse_run_config(argv: Sequence[str] | None = None) -> RunConfig:
@@ -166,7 +167,13 @@ def parse_run_config(argv: Sequence[str] | None = None) -> RunConfig:
         f"--preset picks another set ({', '.join(RUN_PRESETS)})."
     )
     train_defaults, model_defaults = RUN_PRESETS["shakespeare"]
-    parser = parser_for("python train.py", description, (TrainConfig, train_defaults), (GPTConfig, model_defaults))
+    parser = parser_for(
+        "python train.py",
+        description,
+        (TrainConfig, train_defaults),
+        (GPTConfig, model_defaults),
+        (LaunchConfig, None),
+    )
     namespace = parser.parse_args(argv)
     name = getattr(namespace, "preset", "shakespeare")
     if name not in RUN_PRESETS:
@@ -177,4 +184,5 @@ def parse_run_config(argv: Sequence[str] | None = None) -> RunConfig:
         train_config=build(TrainConfig, namespace, train_base),
         model_config=build(GPTConfig, namespace, model_base),
         model_flags=frozenset(k for k in vars(namespace) if k in model_fields),
+        launch_config=build(LaunchConfig, namespace),
     )

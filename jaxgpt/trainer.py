@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jaxgpt import metrics
+from jaxgpt import distributed, metrics
 from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import GPTConfig
 from jaxgpt.data.pipeline import DataConfig, iterator_state, make_train_iterator, restore_iterator
@@ -64,8 +64,7 @@ class Run:
 def setup(run_config: RunConfig, devices: list | None = None) -> Run:
     """Builds the run; ``devices`` (default: all) is what ``--mesh`` must cover exactly."""
     cfg = run_config.train_config
-    if cfg.distributed:  # every host runs the same command; JAX finds its peers from the cluster's environment
-        jax.distributed.initialize()
+    distributed.initialize(run_config.launch_config)  # before anything touches a device
     mesh = make_mesh(cfg.mesh, devices)
     check_batch_divisible(cfg.batch_size, mesh, "--batch_size")
     checkpointer = Checkpointer(cfg.out_dir, keep_last=cfg.keep_checkpoints)
@@ -106,7 +105,8 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
         else:
             params = codec.init(cfg.seed, shardings.params)
         state = jax.jit(lambda p: init_train_state(p, tx, cfg.seed), out_shardings=shardings)(params)
-        write_run_file(cfg.out_dir, model_config, cfg.to_dict())
+        if distributed.is_main_process():
+            write_run_file(cfg.out_dir, model_config, cfg.to_dict())
 
     abstract_model = nnx.eval_shape(lambda: GPT(model_config, nnx.Rngs(0)))
     return Run(
@@ -181,7 +181,8 @@ def sample_text(run: Run, num_tokens: int, seed: int) -> str:
     """A sample from end-of-text with the current weights (top-k 200, temperature 0.8, as nanoGPT)."""
     num_tokens = min(num_tokens, run.model_config.block_size - 1)  # the prompt is one token
     key = jax.random.key(seed)
-    out = generate(current_model(run), [[EOT_ID]], num_tokens, temperature=0.8, top_k=200, key=key, stop_at_eot=False)
+    model, mesh = current_model(run), run.mesh
+    out = generate(model, [[EOT_ID]], num_tokens, temperature=0.8, top_k=200, key=key, stop_at_eot=False, mesh=mesh)
     return get_tokenizer().decode(out[0])
 
 
@@ -251,7 +252,7 @@ def train(run_config: RunConfig) -> dict[str, Any]:
     """Runs (or resumes) training to ``max_steps``; returns the last logged record."""
     run = setup(run_config)
     cfg = run.config
-    is_main = jax.process_index() == 0
+    is_main = distributed.is_main_process()
     writer = MetricsWriter(cfg.out_dir, enabled=is_main)
     start = int(run.state.step)
     writer.truncate_after(start)

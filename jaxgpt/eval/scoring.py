@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxgpt.distributed import to_host
 from jaxgpt.losses import token_log_probs
 from jaxgpt.model import GPT
 from jaxgpt.sharding import batch_sharding, check_batch_divisible
@@ -53,7 +54,8 @@ class RowScorer:
         batch = (inputs.astype(np.int32), targets.astype(np.int32), weights.astype(np.float32))
         if self.mesh is not None:
             batch = jax.device_put(batch, batch_sharding(self.mesh))
-        return np.asarray(_row_log_likelihood(self.graphdef, self.state, *batch), dtype=np.float64)
+        row_sums = _row_log_likelihood(self.graphdef, self.state, *batch)
+        return np.asarray(to_host(row_sums), dtype=np.float64)  # the rows of other processes too
 
 
 def pack_rows(
