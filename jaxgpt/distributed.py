@@ -34,6 +34,7 @@ from jaxgpt.options import option
 PEER_FAILURE_EXIT_CODE = 3
 FAILED_KEY = "jaxgpt/failed/"  # a process that fails sets FAILED_KEY + its index
 POLL_SECONDS = 1.0
+CONNECT_GRACE_SECONDS = 10  # JAX's own connect deadline comes this much after ours
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,11 @@ def initialize(config: LaunchConfig) -> None:
     if not config.enabled:
         return
     explicit = config.coordinator_address is not None
+    where = config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "the coordinator")
+    # XLA aborts the process (a C++ stack trace) when connecting times out: this timer ends it first.
+    timer = threading.Timer(config.init_timeout, _connect_timed_out, args=(where, config.init_timeout))
+    timer.daemon = True
+    timer.start()
     try:
         jax.distributed.initialize(
             coordinator_address=config.coordinator_address,
@@ -96,7 +102,7 @@ def initialize(config: LaunchConfig) -> None:
             process_id=config.process_id,
             local_device_ids=config.device_ids(),
             cluster_detection_method="deactivate" if explicit else None,
-            initialization_timeout=config.init_timeout,
+            initialization_timeout=config.init_timeout + CONNECT_GRACE_SECONDS,
             heartbeat_timeout_seconds=config.heartbeat_timeout,
             shutdown_timeout_seconds=config.init_timeout,
         )
@@ -105,13 +111,21 @@ def initialize(config: LaunchConfig) -> None:
             f"--distributed found no cluster environment ({err}); outside SLURM, Open MPI or a TPU pod pass "
             "--coordinator_address HOST:PORT --num_processes N --process_id I"
         ) from err
-    except RuntimeError as err:  # includes XlaRuntimeError: the coordinator or a peer was not there in time
-        where = config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "the coordinator")
-        raise UserError(
-            f"could not connect to every process through {where} within --init_timeout {config.init_timeout}s "
-            f"(is every process started, with the same address and --num_processes?): {_first_line(err)}"
-        ) from err
+    except RuntimeError as err:  # e.g. JAX was used before this call
+        raise UserError(f"could not start the multi-process run through {where}: {_first_line(err)}") from err
+    finally:
+        timer.cancel()
     _watchdog.start()
+
+
+def _connect_timed_out(where: str, seconds: int) -> None:
+    print(
+        f"error: could not connect to every process through {where} within --init_timeout {seconds}s; is every "
+        "process started, with the same address and --num_processes, and can it reach process 0's host?",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(2)
 
 
 def is_main_process() -> bool:
