@@ -17,6 +17,7 @@ line and exits. A process that fails itself prints its ``error:`` line and leave
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import os
 import sys
@@ -154,13 +155,18 @@ def exit_process(code: int, why: str) -> None:
         sys.stderr.flush()
         os._exit(code)
     _watchdog.leaving.set()
-    try:
+    with contextlib.suppress(Exception):  # the coordinator may be gone already
         _client().key_value_set(f"{FAILED_KEY}{jax.process_index()}", why)
-        time.sleep(3 * POLL_SECONDS)  # the peers leave first: process 0 hosts the coordination service
-    except Exception:  # the coordinator is gone already
-        pass
+    _leave(code)
+
+
+def _leave(code: int) -> None:
+    """Exits now; process 0 first gives its peers time to read the failure, as it hosts the coordination
+    service (a peer that loses it before reading would abort with a C++ stack trace)."""
     sys.stdout.flush()
     sys.stderr.flush()
+    if jax.process_index() == 0:
+        time.sleep(3 * POLL_SECONDS)
     os._exit(code)
 
 
@@ -192,8 +198,7 @@ class _Watchdog:
                 who = f"process {key.rsplit('/', 1)[-1]}" if key else "the run"
                 print(f"error: {who} stopped ({why}); see its output. Stopping this process too.",
                       file=sys.stderr, flush=True)  # fmt: skip
-                sys.stdout.flush()
-                os._exit(PEER_FAILURE_EXIT_CODE)
+                _leave(PEER_FAILURE_EXIT_CODE)
 
 
 _watchdog = _Watchdog()

@@ -24,10 +24,9 @@ import pytest
 from jaxgpt.distributed import LaunchConfig
 from jaxgpt.errors import UserError
 from jaxgpt.run_dir import METRICS_FILE, read_metrics
-from jaxgpt.tokenizer import get_tokenizer
 from tests.train_utils import ROOT, TINY_MODEL, write_token_data
 
-VOCAB = 1024  # holds the fixture's HellaSwag tokens (the token data stays below 256)
+VOCAB = 50304  # GPT-2's, padded: samples start from <|endoftext|> (the token data stays below 256)
 STEPS, RESUMED_STEPS = 6, 9
 TIMEOUT = 300
 TRAIN = [
@@ -35,19 +34,20 @@ TRAIN = [
     "--eval_iters", "2", "--warmup_steps", "2", "--lr", "1e-2", "--lr_decay_steps", str(RESUMED_STEPS),
     "--sample_tokens", "8", "--save_interval", "100",
 ]  # fmt: skip
-# Contexts and endings whose GPT-2 tokens are all below VOCAB (" |" is token 930, "#", "@", "^" single bytes).
-HELLASWAG = [("#@#", ["|#", "|@", "|^", "|@#"], 0), ("^#^", ["|^#", "|@", "|#@", "|^"], 3)]
+HELLASWAG = [  # (context, endings, label)
+    ("The cat sat on the", ["mat.", "moon.", "idea.", "sky."], 0),
+    ("A boy rides his", ["bike down the hill.", "cloud.", "spoon into the sea.", "dream."], 0),
+    ("She drinks a cup of", ["rock.", "shoe.", "chair.", "tea."], 3),
+]
 
 
 def hellaswag_file(path: Path) -> Path:
-    tokenizer = get_tokenizer()
-    lines = []
-    for i, (ctx, endings, label) in enumerate(HELLASWAG):
-        assert max(tokenizer.encode(ctx + " " + " ".join(endings))) < VOCAB
-        record = {"ind": i, "activity_label": "x", "ctx_a": ctx, "ctx_b": "", "ctx": ctx, "split": "val",
-                  "split_type": "indomain", "label": label, "endings": endings, "source_id": f"t~{i}"}  # fmt: skip
-        lines.append(json.dumps(record))
-    path.write_text("\n".join(lines) + "\n")
+    records = [
+        {"ind": i, "activity_label": "x", "ctx_a": ctx, "ctx_b": "", "ctx": ctx, "split": "val",
+         "split_type": "indomain", "label": label, "endings": endings, "source_id": f"t~{i}"}
+        for i, (ctx, endings, label) in enumerate(HELLASWAG)
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 
 
@@ -106,10 +106,14 @@ def sample_of(stdout: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def data(tmp_path_factory):
+    return write_token_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data):
     """One process x 8 devices and two x 4 (8x1), the same 6 steps with evaluation, a sample and HellaSwag."""
     tmp = tmp_path_factory.mktemp("multihost")
-    data = write_token_data(tmp / "data")
     hellaswag = hellaswag_file(tmp / "hellaswag.jsonl")
     extra = ["--max_steps", str(STEPS), "--mesh", "8x1", "--hellaswag_interval", str(STEPS),
              "--hellaswag_path", str(hellaswag)]  # fmt: skip
@@ -161,12 +165,11 @@ def test_eval_across_processes_matches_training(runs):
     (record,) = map(json.loads, results.read_text().splitlines())  # process 0 alone appends
     assert record["val_loss"] == pytest.approx(by_step(tmp / "single", "val_loss")[STEPS], abs=1e-5)
     assert record["acc_norm"] == by_step(tmp / "single", "acc_norm")[STEPS]
-    assert "val_loss" in evals[0].stdout and evals[1].stdout == ""
+    assert "val_loss" in evals[0].stdout and "val_loss" not in evals[1].stdout
 
 
-def test_a_process_failing_at_start_up_ends_both(runs, tmp_path):
+def test_a_process_failing_at_start_up_ends_both(data, tmp_path):
     """Process 1 cannot read its data after connecting: both exit with one error line, without hanging."""
-    _, data, *_ = runs
     start = time.perf_counter()
     failed = train(tmp_path / "out", data, "--max_steps", "2", per_process={1: ["--data_dir", str(tmp_path / "none")]})
     elapsed = time.perf_counter() - start
