@@ -26,7 +26,7 @@ from jaxgpt.decoding import decode, init_cache
 from jaxgpt.distributed import to_host
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
-from jaxgpt.sharding import batch_sharding, data_axis_size, kv_cache_sharding
+from jaxgpt.sharding import batch_sharding, data_axis_size, kv_cache_sharding, spans_processes
 from jaxgpt.tokenizer import EOT_ID
 
 Array = jax.Array
@@ -218,6 +218,9 @@ def generate(
     out: list[list[int]] = [[] for _ in range(batch)]
     ended = np.zeros(batch, bool)
     pending: list[Array] = []  # device arrays the host has not read yet
+    # Reading overlaps the newest step, except across processes: gathering the tokens is a collective, and
+    # two programs with collectives in flight at once can deadlock (gloo on CPU).
+    in_flight = 0 if mesh is not None and spans_processes(mesh) else 1
 
     def read(arrays: list[Array]) -> None:
         for new in to_host(arrays):
@@ -230,9 +233,9 @@ def generate(
 
     for i, token in enumerate(_token_steps(model, prompts, max_new_tokens, rule, key, mesh)):
         pending.append(token)
-        if (i + 1) % read_every == 0 and len(pending) > 1:  # all but the newest: it is still running
-            read(pending[:-1])
-            del pending[:-1]
+        if (i + 1) % read_every == 0 and len(pending) > in_flight:
+            read(pending[: len(pending) - in_flight])
+            del pending[: len(pending) - in_flight]
             if ended.all():
                 break
     if pending and not ended.all():
