@@ -176,7 +176,7 @@ def _token_steps(
     cache_sharding = None if mesh is None else kv_cache_sharding(mesh, model.config.n_head)
     tokens, positions, key_mask = (jax.device_put(x, rows) for x in (tokens, positions, key_mask))
     shapes = jax.eval_shape(lambda: init_cache(model.config, len(prompts), cache_len))
-    cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=cache_sharding), shapes)
+    cache = jax.block_until_ready(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=cache_sharding), shapes))
 
     token, positions, cache = prefill(leaves, cache, tokens, positions, key_mask, key)
     yield token
@@ -218,8 +218,8 @@ def generate(
     out: list[list[int]] = [[] for _ in range(batch)]
     ended = np.zeros(batch, bool)
     pending: list[Array] = []  # device arrays the host has not read yet
-    # Reading overlaps the newest step, except across processes: gathering the tokens is a collective, and
-    # two programs with collectives in flight at once can deadlock (gloo on CPU).
+    # Reading overlaps the newest step, except across processes: there one program runs at a time, as two
+    # with collectives in flight at once (a step and the next, or a step and a gather) can deadlock gloo on CPU.
     in_flight = 0 if mesh is not None and spans_processes(mesh) else 1
 
     def read(arrays: list[Array]) -> None:
@@ -232,7 +232,7 @@ def generate(
             ended[:] |= stop_at_eot & (new == eot_id)
 
     for i, token in enumerate(_token_steps(model, prompts, max_new_tokens, rule, key, mesh)):
-        pending.append(token)
+        pending.append(token if in_flight else token.block_until_ready())
         if (i + 1) % read_every == 0 and len(pending) > in_flight:
             read(pending[: len(pending) - in_flight])
             del pending[: len(pending) - in_flight]
