@@ -12,13 +12,16 @@ user's to choose.
 
 from __future__ import annotations
 
+import io
 import sys
 from collections.abc import Sequence
 
 import jax
 
+from jaxgpt import distributed
 from jaxgpt.chat_repl import chat, user_lines
-from jaxgpt.cli import parse, run
+from jaxgpt.cli import build, parser_for, run
+from jaxgpt.distributed import LaunchConfig
 from jaxgpt.errors import UserError
 from jaxgpt.loading import load_model
 from jaxgpt.sample_config import SampleConfig
@@ -28,8 +31,14 @@ from jaxgpt.tokenizer import get_tokenizer
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    config = parse(SampleConfig, argv, prog="python sample.py")
+    parser = parser_for("python sample.py", SampleConfig.__doc__, (SampleConfig, None), (LaunchConfig, None))
+    namespace = parser.parse_args(argv)
+    config, launch = build(SampleConfig, namespace), build(LaunchConfig, namespace)
+    if launch.enabled and (config.interactive or config.chat):
+        raise UserError("--interactive and --chat read this process's stdin; a multi-process run needs --prompt")
     tokenizer = get_tokenizer()
+    distributed.initialize(launch)
+    out = sys.stdout if distributed.is_main_process() else io.StringIO()  # every process samples, one prints
     mesh = make_mesh(config.mesh) if config.mesh else None
     model = load_model(config.init_from, dtype=config.dtype)
     if mesh is not None:
@@ -42,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     for i, prompt in enumerate(read_prompts(config)):
         try:
-            sample_prompt(model, tokenizer, prompt, config, jax.random.fold_in(key, i), sys.stdout, mesh)
+            sample_prompt(model, tokenizer, prompt, config, jax.random.fold_in(key, i), out, mesh)
         except UserError as err:
             if not config.interactive:
                 raise

@@ -292,7 +292,7 @@ def load_model_from_checkpoint(
     config = GPTConfig.from_dict({**run["model"], **overrides})
     stored = GPTConfig.from_dict(run["model"])
     stored_codec = ParamCodec(config.replace(param_dtype=stored.param_dtype))  # restore as saved, then cast
-    mesh = mesh or make_mesh("1x1", jax.devices()[:1])
+    mesh = mesh or make_mesh("1x1", jax.local_devices()[:1])  # this process's first device
     shardings = stored_codec.shardings(mesh)
     abstract = {
         n: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings[n]) for n, a in stored_codec.abstract.items()

@@ -17,6 +17,7 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
+from jaxgpt.distributed import exit_process
 from jaxgpt.errors import UserError
 
 T = TypeVar("T")
@@ -109,7 +110,7 @@ def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None 
         main(argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_process(2, str(err))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        exit_process(130, "interrupted")

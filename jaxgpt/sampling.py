@@ -23,9 +23,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxgpt.decoding import decode, init_cache
+from jaxgpt.distributed import to_host
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
-from jaxgpt.sharding import batch_sharding, data_axis_size, kv_cache_sharding
+from jaxgpt.sharding import batch_sharding, data_axis_size, kv_cache_sharding, spans_processes
 from jaxgpt.tokenizer import EOT_ID
 
 Array = jax.Array
@@ -175,7 +176,7 @@ def _token_steps(
     cache_sharding = None if mesh is None else kv_cache_sharding(mesh, model.config.n_head)
     tokens, positions, key_mask = (jax.device_put(x, rows) for x in (tokens, positions, key_mask))
     shapes = jax.eval_shape(lambda: init_cache(model.config, len(prompts), cache_len))
-    cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=cache_sharding), shapes)
+    cache = jax.block_until_ready(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=cache_sharding), shapes))
 
     token, positions, cache = prefill(leaves, cache, tokens, positions, key_mask, key)
     yield token
@@ -221,9 +222,12 @@ def generate(
     out: list[list[int]] = [[] for _ in range(batch)]
     ended = np.zeros(batch, bool)
     pending: list[Array] = []  # device arrays the host has not read yet
+    # Reading overlaps the newest step, except across processes: there one program runs at a time, as two
+    # with collectives in flight at once (a step and the next, or a step and a gather) can deadlock gloo on CPU.
+    in_flight = 0 if mesh is not None and spans_processes(mesh) else 1
 
     def read(arrays: list[Array]) -> None:
-        for new in jax.device_get(arrays):
+        for new in to_host(arrays):
             new = new[:batch]
             for row in np.flatnonzero(~ended):
                 out[row].append(int(new[row]))
@@ -234,10 +238,10 @@ def generate(
             ended[row] = stop(out[row])
 
     for i, token in enumerate(_token_steps(model, prompts, max_new_tokens, rule, key, mesh)):
-        pending.append(token)
-        if (i + 1) % read_every == 0 and len(pending) > 1:  # all but the newest: it is still running
-            read(pending[:-1])
-            del pending[:-1]
+        pending.append(token if in_flight else token.block_until_ready())
+        if (i + 1) % read_every == 0 and len(pending) > in_flight:
+            read(pending[: len(pending) - in_flight])
+            del pending[: len(pending) - in_flight]
             if ended.all():
                 break
     if pending and not ended.all():

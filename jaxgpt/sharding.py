@@ -101,10 +101,24 @@ def state_shardings(state: Any, mesh: Mesh, fsdp: bool = False) -> Any:
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, fsdp: bool = False) -> nnx.Module:
-    """Moves a model's parameters onto the mesh in place, following the rules; returns it."""
+    """Moves a model's parameters onto the mesh in place, following the rules; returns it.
+
+    On a mesh that spans processes every process holds the whole model and places its own shards.
+    """
     state = nnx.state(model)
-    nnx.update(model, jax.device_put(state, state_shardings(state, mesh, fsdp)))
+    shardings = state_shardings(state, mesh, fsdp)
+    if spans_processes(mesh):
+        host = jax.device_get(state)
+        place = lambda x, sharding: jax.make_array_from_callback(x.shape, sharding, x.__getitem__)
+        nnx.update(model, jax.tree.map(place, host, shardings))
+    else:
+        nnx.update(model, jax.device_put(state, shardings))
     return model
+
+
+def spans_processes(mesh: Mesh) -> bool:
+    """Whether some of the mesh's devices belong to other processes (hosts)."""
+    return any(device.process_index != jax.process_index() for device in mesh.devices.flat)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -13,6 +13,7 @@ from typing import Any
 
 from jaxgpt.cli import build, parser_for
 from jaxgpt.config import GPTConfig, preset
+from jaxgpt.distributed import LaunchConfig
 from jaxgpt.errors import UserError
 from jaxgpt.options import option
 from jaxgpt.profiling import parse_profile_steps
@@ -30,7 +31,6 @@ class TrainConfig:
     resume: bool = option(False, "continue the run in out_dir from its last checkpoint (also automatic if one exists)")
     reset_data: bool = option(False, "on resume, restart the data order from the first batch (e.g. after new data)")
     mesh: str | None = option(None, "device mesh DxM (data x model parallel); default: every device on data")
-    distributed: bool = option(False, "multi-host: call jax.distributed.initialize() first (SLURM, TPU pods, ...)")
     fsdp: bool = option(False, "also shard parameters and optimizer state over the data axis (ZeRO-3)")
     max_steps: int = option(500, "optimizer steps to train for")
     epochs: float | None = option(None, "train for this many passes over the train examples instead (sets max_steps)")
@@ -212,6 +212,7 @@ class RunConfig:
     model_config: GPTConfig
     model_flags: frozenset[str]  # GPTConfig fields the user set on the command line
     train_flags: frozenset[str] = frozenset()  # TrainConfig fields the user set on the command line
+    launch_config: LaunchConfig = LaunchConfig()  # how this process joins a multi-process run
 
 
 def parse_run_config(argv: Sequence[str] | None = None) -> RunConfig:
@@ -220,7 +221,13 @@ def parse_run_config(argv: Sequence[str] | None = None) -> RunConfig:
         f"--preset picks another set ({', '.join(RUN_PRESETS)})."
     )
     train_defaults, model_defaults = RUN_PRESETS["shakespeare"]
-    parser = parser_for("python train.py", description, (TrainConfig, train_defaults), (GPTConfig, model_defaults))
+    parser = parser_for(
+        "python train.py",
+        description,
+        (TrainConfig, train_defaults),
+        (GPTConfig, model_defaults),
+        (LaunchConfig, None),
+    )
     namespace = parser.parse_args(argv)
     name = getattr(namespace, "preset", "shakespeare")
     if name not in RUN_PRESETS:
@@ -233,4 +240,5 @@ def parse_run_config(argv: Sequence[str] | None = None) -> RunConfig:
         model_config=build(GPTConfig, namespace, model_base),
         model_flags=frozenset(k for k in vars(namespace) if k in model_fields),
         train_flags=frozenset(k for k in vars(namespace) if k in train_fields),
+        launch_config=build(LaunchConfig, namespace),
     )

@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jaxgpt import metrics
+from jaxgpt import distributed, metrics
 from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import GPTConfig
 from jaxgpt.data.meta import check_dataset
@@ -114,7 +114,7 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
         else:
             params = codec.init(cfg.seed, shardings.params)
         state = jax.jit(lambda p: init_train_state(p, tx, cfg.seed), out_shardings=shardings)(params)
-    if jax.process_index() == 0:
+    if distributed.is_main_process():
         write_run_file(cfg.out_dir, model_config, cfg.to_dict())  # as resolved: the next resume reads it
 
     abstract_model = nnx.eval_shape(lambda: GPT(model_config, nnx.Rngs(0)))
@@ -206,7 +206,8 @@ def sample_text(run: Run, num_tokens: int, seed: int) -> str:
     num_tokens = min(num_tokens, run.model_config.block_size - 1)  # the prompt is one token
     key = jax.random.key(seed)
     start = EOT_ID if run.model_config.vocab_size > EOT_ID else 0  # a small test vocabulary has no EOT
-    out = generate(current_model(run), [[start]], num_tokens, temperature=0.8, top_k=200, key=key, stop_at_eot=False)
+    model, mesh = current_model(run), run.mesh
+    out = generate(model, [[start]], num_tokens, temperature=0.8, top_k=200, key=key, stop_at_eot=False, mesh=mesh)
     return get_tokenizer().decode(out[0])
 
 
@@ -277,17 +278,16 @@ def train(run_config: RunConfig) -> dict[str, Any]:
 
     The run directory is locked for the whole run (on process 0), so two runs never share one.
     """
-    if run_config.train_config.distributed:  # every host runs the same command; JAX finds its peers itself
-        jax.distributed.initialize()
+    distributed.initialize(run_config.launch_config)  # before anything touches a device
     out_dir = run_config.train_config.out_dir
-    with RunLock(out_dir) if jax.process_index() == 0 else contextlib.nullcontext():
+    with RunLock(out_dir) if distributed.is_main_process() else contextlib.nullcontext():
         return _train(run_config)
 
 
 def _train(run_config: RunConfig) -> dict[str, Any]:
     run = setup(run_config)
     cfg = run.config
-    is_main = jax.process_index() == 0
+    is_main = distributed.is_main_process()
     writer = MetricsWriter(cfg.out_dir, enabled=is_main)
     start = int(run.state.step)
     writer.truncate_after(start)

@@ -16,9 +16,11 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from jaxgpt import distributed
 from jaxgpt.cli import build, parser_for, run
 from jaxgpt.config import DType
 from jaxgpt.data.shards import list_shards
+from jaxgpt.distributed import LaunchConfig
 from jaxgpt.errors import UserError
 from jaxgpt.eval.hellaswag import evaluate_hellaswag, load_hellaswag
 from jaxgpt.eval.loss import evaluate_loss
@@ -59,12 +61,13 @@ def append_results(path: Path, init_from: str, results: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = parser_for("python -m jaxgpt.eval", EvalConfig.__doc__, (EvalConfig, None))
+    parser = parser_for("python -m jaxgpt.eval", EvalConfig.__doc__, (EvalConfig, None), (LaunchConfig, None))
     parser.add_argument(
         "--hellaswag", nargs="?", const=DOWNLOAD, default=argparse.SUPPRESS, metavar="PATH",
         help="score HellaSwag's validation set: a local jsonl, or no value to download it once (cached)",
     )  # fmt: skip
-    args = build(EvalConfig, parser.parse_args(argv))
+    namespace = parser.parse_args(argv)
+    args, launch = build(EvalConfig, namespace), build(LaunchConfig, namespace)
     if args.val_data is None and args.hellaswag is None:
         raise UserError("nothing to evaluate: pass --val_data DIR and/or --hellaswag [PATH]")
     if args.results is not None and not Path(args.results).parent.is_dir():
@@ -74,16 +77,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.val_data is not None:
         list_shards(args.val_data, "val")
     items = None if args.hellaswag is None else load_hellaswag(args.hellaswag or None)
+    distributed.initialize(launch)
+    main_process = distributed.is_main_process()  # every process computes, process 0 reports
     mesh = make_mesh(args.mesh)
     model = shard_model(load_model(args.init_from, dtype=args.dtype), mesh)
 
     results: dict = {}
     if args.val_data is not None:
         results |= evaluate_loss(
-            model, args.val_data, batch_size=args.batch_size, max_tokens=args.max_tokens, mesh=mesh, progress=True
-        )
+            model, args.val_data, batch_size=args.batch_size, max_tokens=args.max_tokens, mesh=mesh,
+            progress=main_process,
+        )  # fmt: skip
     if items is not None:
-        results |= evaluate_hellaswag(model, items, batch_size=args.batch_size, mesh=mesh)
+        results |= evaluate_hellaswag(model, items, batch_size=args.batch_size, mesh=mesh, progress=main_process)
+    if not main_process:
+        return
     print(f"{args.init_from}, mesh {describe(mesh)}, {args.dtype}")
     print(format_table(results))
     if args.results is not None:

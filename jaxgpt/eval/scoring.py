@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from jaxgpt.distributed import to_host
 from jaxgpt.losses import model_log_probs, token_log_probs
 from jaxgpt.model import GPT
 from jaxgpt.sharding import batch_sharding, check_batch_divisible
@@ -79,7 +80,7 @@ class RowScorer:
         batch = (inputs.astype(np.int32), targets.astype(np.int32), weights.astype(np.float32))
         if self.mesh is not None:
             batch = jax.device_put(batch, batch_sharding(self.mesh))
-        return _row_scores(self.graphdef, self.state, *batch, greedy)
+        return to_host(_row_scores(self.graphdef, self.state, *batch, greedy))  # the rows of other processes too
 
 
 def pack_rows(
