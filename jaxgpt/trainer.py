@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
@@ -90,10 +91,12 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
 
     data = DataConfig(cfg.data_dir, model_config.block_size, cfg.batch_size, cfg.seed, cfg.data_workers)
     codec = ParamCodec(model_config)
-    schedule = learning_rate_schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.decay_steps)
+    schedule = _schedule(cfg, cfg.lr)
     tx = make_optimizer(
-        schedule, weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, grad_clip=cfg.grad_clip
-    )
+        schedule, weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, grad_clip=cfg.grad_clip,
+        muon_schedule=_schedule(cfg, cfg.muon_lr) if cfg.optimizer == "muon" else None,
+        muon_momentum=cfg.muon_momentum,
+    )  # fmt: skip
     shardings = train_state_shardings(codec, tx, mesh, cfg.fsdp)
     if latest is not None:  # restore into shapes only: nothing is initialised just to be overwritten
         abstract = jax.eval_shape(lambda p: init_train_state(p, tx, cfg.seed), codec.abstract)
@@ -124,6 +127,12 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
     )
 
 
+def _schedule(cfg: TrainConfig, peak: float) -> optax.Schedule:
+    """The run's schedule shape at a peak learning rate: each optimizer group has its own peak."""
+    min_lr = cfg.min_lr * peak / cfg.lr if cfg.lr else 0.0
+    return learning_rate_schedule(peak, min_lr, cfg.warmup_steps, cfg.decay_steps, cfg.warmdown_steps)
+
+
 def _pretrained(run_config: RunConfig) -> tuple[GPTConfig, dict[str, np.ndarray]]:
     """Weights to fine-tune from: the checkpoint fixes the shapes, the command line the rest."""
     asked = run_config.model_config
@@ -134,8 +143,9 @@ def _pretrained(run_config: RunConfig) -> tuple[GPTConfig, dict[str, np.ndarray]
     block_size = asked.block_size if "block_size" in run_config.model_flags else config.block_size
     if block_size > config.block_size:
         raise UserError(f"--block_size {block_size} exceeds the pretrained model's context ({config.block_size})")
-    if block_size < config.block_size:  # nanoGPT's crop_block_size: keep the first positions
-        params["wpe.embedding"] = params["wpe.embedding"][:block_size]
+    if block_size < config.block_size:  # nanoGPT's crop_block_size: keep the first positions (rotary has none)
+        if "wpe.embedding" in params:
+            params["wpe.embedding"] = params["wpe.embedding"][:block_size]
         config = config.replace(block_size=block_size)
     return config, params
 
