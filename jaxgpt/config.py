@@ -11,6 +11,9 @@ from jaxgpt.options import option
 DType = Literal["float32", "bfloat16", "float16"]
 AttentionImpl = Literal["xla", "cudnn", "auto"]
 LossImpl = Literal["fused", "plain", "auto"]
+PositionEmbedding = Literal["learned", "rotary"]
+Norm = Literal["layernorm", "rmsnorm"]
+Activation = Literal["gelu", "relu2"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +34,20 @@ class GPTConfig:
         "auto", "head + cross-entropy: fused (tiled, no [tokens, vocab] logits), plain, or auto (plain on CPU)"
     )
     remat: bool = option(False, "rematerialise each block in the backward pass (saves memory, costs FLOPs)")
-    layer_norm_eps: float = option(1e-5, "LayerNorm epsilon (GPT-2: 1e-5)")
+    layer_norm_eps: float = option(1e-5, "LayerNorm/RMSNorm epsilon (GPT-2: 1e-5)")
+    # Architecture options beyond GPT-2 (modded-nanogpt's speedrun); the defaults are GPT-2 exactly.
+    position_embedding: PositionEmbedding = option("learned", "learned (GPT-2's wpe table) or rotary (RoPE, no wpe)")
+    rope_base: float = option(10000.0, "rotary embedding base (theta)")
+    norm: Norm = option("layernorm", "normalisation of the blocks and the final one: layernorm or rmsnorm")
+    norm_scale: bool = option(True, "learnable scale in every norm (off: a parameter-free norm, as modded-nanogpt)")
+    qk_norm: bool = option(False, "RMS-normalise queries and keys per head before attention (QK-norm)")
+    activation: Activation = option(
+        "gelu", "MLP nonlinearity: gelu (GPT-2's tanh approximation) or relu2 (ReLU squared)"
+    )
+    tie_embeddings: bool = option(True, "output head shares the token embedding (off: a separate lm_head matrix)")
+    bias: bool = option(True, "biases in the projections and norms")
+    zero_init_proj: bool = option(False, "initialise the residual output projections (and an untied head) to zero")
+    logit_softcap: float = option(0.0, "squash logits to (-c, c) with c*tanh(logits/c) (0: off)")
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_multiple"):
@@ -41,6 +57,21 @@ class GPTConfig:
             raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.position_embedding == "rotary" and self.head_dim % 2:
+            raise UserError(f"rotary embeddings need an even head size, got {self.head_dim}")
+        if self.logit_softcap < 0:
+            raise UserError(f"logit_softcap must be >= 0 (0: off), got {self.logit_softcap}")
+        if self.loss == "fused" and self.logit_softcap:
+            raise UserError("the fused loss has no logit soft-cap: use --loss plain (or auto) with --logit_softcap")
+
+    def non_gpt2_options(self) -> list[str]:
+        """The architecture options set away from GPT-2's (empty for OpenAI's architecture)."""
+        gpt2 = GPTConfig()
+        return [
+            f"{name}={getattr(self, name)}"
+            for name in ARCHITECTURE_OPTIONS
+            if getattr(self, name) != getattr(gpt2, name)
+        ]
 
     @property
     def padded_vocab_size(self) -> int:
@@ -62,6 +93,12 @@ class GPTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
+
+# The options that change the computation away from GPT-2's (zero_init_proj only changes the start).
+ARCHITECTURE_OPTIONS = (
+    "position_embedding", "norm", "norm_scale", "qk_norm", "activation", "tie_embeddings", "bias",
+    "logit_softcap",
+)  # fmt: skip
 
 # The four sizes OpenAI released (n_layer, n_head, n_embd); all use 1024 positions and 50257 tokens.
 PRESETS: dict[str, dict[str, int]] = {

@@ -64,7 +64,7 @@ def decode(
     x = model.embed(tokens, positions)
     new_cache = []
     for block, layer_cache in zip(model.h, cache, strict=True):
-        q, k, v = block.attn.qkv(block.ln_1(x))
+        q, k, v = block.attn.qkv(block.ln_1(x), positions)  # rotary at each token's position
         y, layer_cache = cached_attention(q, k, v, layer_cache, cache_index, mask)
         x = x + block.attn.c_proj(y)
         x = x + block.mlp(block.ln_2(x))

@@ -33,18 +33,23 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | No
 
 
 def resolve_loss(model: GPT) -> str:
-    """``fused`` or ``plain``; auto is plain on the CPU, where the plain path measured faster (docs/benchmarks.md)."""
+    """``fused`` or ``plain``; auto is plain on the CPU, where the plain path measured faster (docs/benchmarks.md),
+    and with a logit soft-cap, which the fused loss does not apply."""
     if model.config.loss == "auto":
-        return "plain" if compile_platform() == "cpu" else "fused"
+        return "plain" if compile_platform() == "cpu" or model.config.logit_softcap else "fused"
     return model.config.loss
+
+
+def head_weights(model: GPT) -> jax.Array:
+    """The output head as [padded_vocab, n_embd]: the token embedding, or the untied head's kernel transposed."""
+    return model.wte.embedding[...] if model.lm_head is None else model.lm_head.kernel[...].T
 
 
 def model_log_probs(model: GPT, inputs: jax.Array, targets: jax.Array) -> jax.Array:
     """log p(target) float32 [B, T] under ``model`` reading ``inputs`` (no dropout)."""
     if resolve_loss(model) == "plain":
         return token_log_probs(model(inputs), targets)
-    embedding = model.wte.embedding[...]
-    return fused_token_log_probs(model.features(inputs), embedding, targets, model.config.vocab_size)
+    return fused_token_log_probs(model.features(inputs), head_weights(model), targets, model.config.vocab_size)
 
 
 def model_loss(model: GPT, inputs: jax.Array, targets: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
@@ -52,7 +57,7 @@ def model_loss(model: GPT, inputs: jax.Array, targets: jax.Array, dropout_key: j
     if resolve_loss(model) == "plain":
         return cross_entropy(model(inputs, dropout_key=dropout_key), targets)
     features = model.features(inputs, dropout_key=dropout_key)
-    return fused_cross_entropy(features, model.wte.embedding[...], targets, model.config.vocab_size)
+    return fused_cross_entropy(features, head_weights(model), targets, model.config.vocab_size)
 
 
 def model_weighted_nll(
@@ -62,4 +67,4 @@ def model_weighted_nll(
     if resolve_loss(model) == "plain":
         return -(token_log_probs(model(inputs, dropout_key=dropout_key), targets) * weights).sum()
     features = model.features(inputs, dropout_key=dropout_key)
-    return fused_weighted_nll(features, model.wte.embedding[...], targets, model.config.vocab_size, weights)
+    return fused_weighted_nll(features, head_weights(model), targets, model.config.vocab_size, weights)

@@ -8,9 +8,15 @@ converter is a rename. Every parameter carries logical axis names
 (``vocab``, ``embed``, ``heads``, ``mlp``) as metadata; ``jaxgpt.sharding`` maps
 them to mesh axes, so the model never mentions a device.
 
+That is the default. ``GPTConfig``'s architecture options give modded-nanogpt's
+variant instead: rotary positions (no ``wpe``), RMSNorm with or without scale,
+QK-norm, a ReLU² MLP, an untied ``lm_head``, no biases, zero-initialised output
+projections and a logit soft-cap.
+
 Dropout is functional: pass ``dropout_key`` to train with dropout; without one
 the model is deterministic (inference). Generation with a KV cache lives in
-``jaxgpt.decoding``, which reuses these modules' pieces.
+``jaxgpt.decoding``, which reuses these modules' pieces (``qkv`` applies QK-norm
+and rotary for both paths).
 """
 
 from __future__ import annotations
@@ -36,15 +42,24 @@ class CausalSelfAttention(nnx.Module):
         self.c_proj = nnx.LinearGeneral(
             (h, d), c, axis=(-2, -1), **_dense(config, None, ("heads", None, "embed"), rngs)
         )
+        # QK-norm: one RMSNorm over the head size for queries, one for keys (shared by all heads).
+        self.q_norm = _norm(config, d, (None,), "rmsnorm", rngs) if config.qk_norm else None
+        self.k_norm = _norm(config, d, (None,), "rmsnorm", rngs) if config.qk_norm else None
+        self.rope_base = config.rope_base if config.position_embedding == "rotary" else None
         self.dropout = config.dropout
         self.implementation = resolve_attention(config)
 
-    def qkv(self, x: Array) -> tuple[Array, Array, Array]:
-        """Queries, keys and values, each [B, T, H, D]."""
-        return tuple(jnp.unstack(self.c_attn(x), axis=2))
+    def qkv(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
+        """Queries, keys and values [B, T, H, D]; QK-normed and rotated to ``positions`` [B|1, T] if configured."""
+        q, k, v = jnp.unstack(self.c_attn(x), axis=2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope_base is not None:
+            q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
+        return q, k, v
 
-    def __call__(self, x: Array, dropout_key: Array | None = None) -> Array:
-        q, k, v = self.qkv(x)
+    def __call__(self, x: Array, positions: Array, dropout_key: Array | None = None) -> Array:
+        q, k, v = self.qkv(x, positions)
         attn_key, resid_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         if attn_key is not None and self.dropout > 0:  # the fused kernels have no dropout on the weights
             y = explicit_attention(q, k, v, self.dropout, attn_key)
@@ -58,23 +73,25 @@ class MLP(nnx.Module):
         c = config.n_embd
         self.c_fc = nnx.Linear(c, 4 * c, **_dense(config, 0.02, ("embed", "mlp"), rngs))
         self.c_proj = nnx.Linear(4 * c, c, **_dense(config, None, ("mlp", "embed"), rngs))
+        self.relu2 = config.activation == "relu2"
         self.dropout = config.dropout
 
     def __call__(self, x: Array, dropout_key: Array | None = None) -> Array:
-        h = jax.nn.gelu(self.c_fc(x), approximate=True)  # GPT-2's "gelu_new"
+        h = self.c_fc(x)
+        h = jnp.square(jax.nn.relu(h)) if self.relu2 else jax.nn.gelu(h, approximate=True)  # GPT-2's "gelu_new"
         return _dropout(self.c_proj(h), self.dropout, dropout_key)
 
 
 class Block(nnx.Module):
     def __init__(self, config: GPTConfig, rngs: nnx.Rngs):
-        self.ln_1 = _layer_norm(config, rngs)
+        self.ln_1 = _norm(config, config.n_embd, ("embed",), config.norm, rngs)
         self.attn = CausalSelfAttention(config, rngs)
-        self.ln_2 = _layer_norm(config, rngs)
+        self.ln_2 = _norm(config, config.n_embd, ("embed",), config.norm, rngs)
         self.mlp = MLP(config, rngs)
 
-    def __call__(self, x: Array, dropout_key: Array | None = None) -> Array:
+    def __call__(self, x: Array, positions: Array, dropout_key: Array | None = None) -> Array:
         attn_key, mlp_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-        x = x + self.attn(self.ln_1(x), attn_key)
+        x = x + self.attn(self.ln_1(x), positions, attn_key)
         return x + self.mlp(self.ln_2(x), mlp_key)
 
 
@@ -85,9 +102,14 @@ class GPT(nnx.Module):
         self.wte = nnx.Embed(
             config.padded_vocab_size, c, embedding_init=_init(0.02, ("vocab", "embed")), rngs=rngs, **dtypes
         )
-        self.wpe = nnx.Embed(config.block_size, c, embedding_init=_init(0.02, (None, "embed")), rngs=rngs, **dtypes)
+        self.wpe = (
+            nnx.Embed(config.block_size, c, embedding_init=_init(0.02, (None, "embed")), rngs=rngs, **dtypes)
+            if config.position_embedding == "learned"
+            else None  # rotary: positions enter in the attention
+        )
         self.h = nnx.List([Block(config, rngs) for _ in range(config.n_layer)])
-        self.ln_f = _layer_norm(config, rngs)
+        self.ln_f = _norm(config, c, ("embed",), config.norm, rngs)
+        self.lm_head = None if config.tie_embeddings else _untied_head(config, rngs)
 
     def __call__(self, tokens: Array, *, positions: Array | None = None, dropout_key: Array | None = None) -> Array:
         """Float32 logits [B, T, padded_vocab] of the next token at every position (causal)."""
@@ -104,33 +126,58 @@ class GPT(nnx.Module):
             keys = list(jax.random.split(dropout_key, self.config.n_layer + 1))
         x = _dropout(self.embed(tokens, positions), self.config.dropout, keys[-1])
         for block, key in zip(self.h, keys, strict=False):
-            x = nnx.remat(lambda blk, x, k: blk(x, k))(block, x, key) if self.config.remat else block(x, key)
+            if self.config.remat:
+                x = nnx.remat(lambda blk, x, p, k: blk(x, p, k))(block, x, positions, key)
+            else:
+                x = block(x, positions, key)
         return self.ln_f(x)
 
     def embed(self, tokens: Array, positions: Array) -> Array:
-        return self.wte(tokens) + self.wpe(positions)
+        return self.wte(tokens) if self.wpe is None else self.wte(tokens) + self.wpe(positions)
 
     def logits(self, features: Array) -> Array:
         """Float32 logits from final hidden states; the padded vocabulary entries can never win or be sampled."""
-        logits = self.wte.attend(features).astype(jnp.float32)  # tied head
+        head = self.wte.attend if self.lm_head is None else self.lm_head
+        logits = head(features).astype(jnp.float32)
+        if self.config.logit_softcap:
+            logits = self.config.logit_softcap * jnp.tanh(logits / self.config.logit_softcap)
         if self.config.padded_vocab_size == self.config.vocab_size:
             return logits
         return mask_logits(logits, jnp.arange(self.config.padded_vocab_size) < self.config.vocab_size)
 
 
 def count_params(model: GPT, *, exclude_padding: bool = True) -> int:
-    """Parameters, with the tied head counted once (GPT-2 124M: 124,439,808)."""
+    """Parameters, with a tied head counted once (GPT-2 124M: 124,439,808)."""
     params = nnx.state(model, nnx.Param)
     total = sum(x.size for x in jax.tree.leaves(params))
     if exclude_padding:
         c = model.config
-        total -= (c.padded_vocab_size - c.vocab_size) * c.n_embd
+        tables = 1 if c.tie_embeddings else 2  # the embedding, and an untied head
+        total -= tables * (c.padded_vocab_size - c.vocab_size) * c.n_embd
     return total
 
 
 def non_embedding_params(model: GPT) -> int:
-    """The N in the 6N FLOPs-per-token estimate: position embeddings excluded, as in nanoGPT."""
-    return count_params(model) - model.config.block_size * model.config.n_embd
+    """The N in the 6N FLOPs-per-token estimate: parameters that take part in matmuls, as in nanoGPT.
+
+    Embedding lookups cost no FLOPs: a learned position table is excluded, and so is the token
+    embedding when an untied ``lm_head`` does the output matmul (a tied one is that matmul).
+    """
+    c = model.config
+    lookups = c.block_size * c.n_embd if c.position_embedding == "learned" else 0
+    if not c.tie_embeddings:
+        lookups += c.vocab_size * c.n_embd
+    return count_params(model) - lookups
+
+
+def rotary(x: Array, positions: Array, base: float) -> Array:
+    """Rotary embedding of ``x`` [B, T, H, D] at ``positions`` [B|1, T] (half-split pairs, as GPT-NeoX/Llama)."""
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[..., None, None] * inv_freq  # [B, T, 1, D/2]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 def resolve_attention(config: GPTConfig) -> str:
@@ -163,7 +210,7 @@ def mask_logits(logits: Array, keep: Array) -> Array:
     return jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
 
 
-# --- Initialisers: GPT-2's normal(0.02), residual projections scaled by 1/sqrt(2 n_layer), zero biases. ---
+# --- Initialisers: GPT-2's normal(0.02), residual projections scaled by 1/sqrt(2 n_layer) (or zero), zero biases. ---
 
 
 def _init(std: float, axes: tuple[str | None, ...]):
@@ -176,29 +223,52 @@ def _constant(init, axes: tuple[str | None, ...]):
 
 
 def _dense(config: GPTConfig, std: float | None, kernel_axes: tuple[str | None, ...], rngs: nnx.Rngs) -> dict:
-    """Keyword arguments of a projection; ``std=None`` marks a residual output projection (scaled down)."""
-    std = 0.02 / math.sqrt(2 * config.n_layer) if std is None else std
+    """Keyword arguments of a projection; ``std=None`` marks a residual output projection (scaled down or zero)."""
+    if std is None and config.zero_init_proj:
+        kernel_init = _constant(nnx.initializers.zeros_init(), kernel_axes)
+    else:
+        kernel_init = _init(0.02 / math.sqrt(2 * config.n_layer) if std is None else std, kernel_axes)
     # A projection reads the residual stream (embed first) or writes it (embed last); the bias is the output's.
     bias_axes = kernel_axes[1:] if kernel_axes[0] == "embed" else ("embed",)
     return dict(
+        use_bias=config.bias,
         dtype=config.dtype,
         param_dtype=config.param_dtype,
-        kernel_init=_init(std, kernel_axes),
+        kernel_init=kernel_init,
         bias_init=_constant(nnx.initializers.zeros_init(), bias_axes),
         rngs=rngs,
     )
 
 
-def _layer_norm(config: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(
+def _untied_head(config: GPTConfig, rngs: nnx.Rngs) -> nnx.Linear:
+    init = nnx.initializers.zeros_init() if config.zero_init_proj else nnx.initializers.normal(0.02)
+    return nnx.Linear(
         config.n_embd,
+        config.padded_vocab_size,
+        use_bias=False,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        kernel_init=_constant(init, ("embed", "vocab")),
+        rngs=rngs,
+    )
+
+
+def _norm(
+    config: GPTConfig, features: int, axes: tuple[str | None, ...], kind: str, rngs: nnx.Rngs
+) -> nnx.LayerNorm | nnx.RMSNorm:
+    """A LayerNorm or RMSNorm over the last axis; scale and bias only where the config keeps them."""
+    common = dict(
         epsilon=config.layer_norm_eps,
         dtype=config.dtype,
         param_dtype=config.param_dtype,
-        scale_init=_constant(nnx.initializers.ones_init(), ("embed",)),
-        bias_init=_constant(nnx.initializers.zeros_init(), ("embed",)),
+        use_scale=config.norm_scale,
+        scale_init=_constant(nnx.initializers.ones_init(), axes),
         rngs=rngs,
     )
+    if kind == "rmsnorm":
+        return nnx.RMSNorm(features, **common)
+    bias_init = _constant(nnx.initializers.zeros_init(), axes)
+    return nnx.LayerNorm(features, use_bias=config.bias, bias_init=bias_init, **common)
 
 
 def _dropout(x: Array, rate: float, key: Array | None) -> Array:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from jaxgpt.cli import build, parser_for
 from jaxgpt.config import GPTConfig, preset
@@ -40,7 +40,11 @@ class TrainConfig:
     min_lr: float = option(1e-4, "learning rate at the end of the cosine decay")
     warmup_steps: int = option(50, "linear warmup steps")
     lr_decay_steps: int | None = option(None, "step where the cosine reaches min_lr (default: max_steps)")
-    weight_decay: float = option(0.1, "AdamW weight decay on matrices and embeddings")
+    warmdown_steps: int = option(0, "0: cosine decay; N: constant lr, then linear to min_lr over the last N steps")
+    optimizer: Literal["adamw", "muon"] = option("adamw", "adamw, or muon: Muon on hidden matrices, AdamW on the rest")
+    muon_lr: float = option(0.02, "Muon's peak learning rate (per-entry RMS step; same schedule shape as --lr)")
+    muon_momentum: float = option(0.95, "Muon's Nesterov momentum")
+    weight_decay: float = option(0.1, "weight decay on matrices and embeddings (with muon: on the Muon matrices only)")
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.99, "AdamW beta2 (0.99 for small batches, 0.95 for GPT-2 scale)")
     eps: float = option(1e-8, "AdamW epsilon")
@@ -87,6 +91,12 @@ class TrainConfig:
                 raise UserError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         parse_profile_steps(self.profile_steps)
         check_tracker_installed(tensorboard=self.tensorboard, wandb_project=self.wandb_project)
+        if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1:
+            raise UserError(
+                f"need --muon_lr > 0 and 0 <= --muon_momentum < 1, got {self.muon_lr} and {self.muon_momentum}"
+            )
+        if not 0 <= self.warmdown_steps <= self.decay_steps:
+            raise UserError(f"--warmdown_steps must be in [0, {self.decay_steps}], got {self.warmdown_steps}")
 
     @property
     def decay_steps(self) -> int:
@@ -113,12 +123,22 @@ def _run(train: dict[str, Any], model: GPTConfig) -> tuple[TrainConfig, GPTConfi
 _GPT2_RECIPE = dict(lr=6e-4, min_lr=6e-5, weight_decay=0.1, beta2=0.95, data_workers=2)
 _GPT2_124M = preset("gpt2", pad_vocab_multiple=64, dtype="bfloat16")
 
+# modded-nanogpt's architecture (its 10/14/24 record): rotary, parameter-free RMSNorm, QK-norm, ReLU², no biases,
+# zero-initialised output projections. Muon trains the hidden matrices, AdamW the embedding and head.
+_MODERN = dict(
+    position_embedding="rotary", norm="rmsnorm", norm_scale=False, qk_norm=True, activation="relu2", bias=False,
+    zero_init_proj=True,
+)  # fmt: skip
+_SHAKESPEARE = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, pad_vocab_multiple=64)
+
 # Each preset: (TrainConfig, GPTConfig). Numbers follow the recipe named in the comment.
 RUN_PRESETS: dict[str, tuple[TrainConfig, GPTConfig]] = {
     # A small GPT that learns tiny Shakespeare on a laptop CPU in a few minutes (nanoGPT's CPU recipe).
-    "shakespeare": _run(
-        dict(),
-        GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, pad_vocab_multiple=64),
+    "shakespeare": _run(dict(), _SHAKESPEARE),
+    # The same model size, steps and tokens with the modern recipe (bench/bench_recipes.py compares the two).
+    "shakespeare-modern": _run(
+        dict(preset="shakespeare-modern", out_dir="out/shakespeare-modern", optimizer="muon", muon_lr=3e-3, lr=3e-3),
+        _SHAKESPEARE.replace(**_MODERN, tie_embeddings=False, logit_softcap=30.0),
     ),
     # llm.c / build-nanogpt: 524,288 tokens a step (64 x 1024 x 8 on one GPU; on N GPUs use
     # --batch_size 64*N --grad_accum 8/N), 10B FineWeb tokens in 19,073 steps.
@@ -139,6 +159,35 @@ RUN_PRESETS: dict[str, tuple[TrainConfig, GPTConfig]] = {
             sample_interval=1000,
         ),
         _GPT2_124M,
+    ),
+    # modded-nanogpt's 10/14/24 record (github.com/KellerJordan/modded-nanogpt, records/track_1_short/
+    # 2024-10-14_ModernArch): 3.2741 FineWeb val loss after 5100 steps of 524,288 tokens (2.67B tokens).
+    # Its architecture and optimizer groups: head size 128 (6 heads), tied embedding, AdamW lr 0.0036 (betas
+    # 0.9/0.95, no decay) on it, Muon lr 0.00036 at RMS-1 updates, no warmup, linear warmdown over 1450 steps.
+    "gpt2-124m-speedrun": _run(
+        dict(
+            preset="gpt2-124m-speedrun",
+            data_dir="data/fineweb10B",
+            out_dir="out/gpt2-124m-speedrun",
+            max_steps=5100,
+            batch_size=64,
+            grad_accum=8,
+            optimizer="muon",
+            lr=0.0036,
+            muon_lr=0.00036,
+            min_lr=0.0,
+            warmup_steps=0,
+            warmdown_steps=1450,
+            weight_decay=0.0,
+            beta2=0.95,
+            data_workers=2,
+            eval_interval=125,
+            eval_iters=20,
+            save_interval=1000,
+            hellaswag_interval=500,
+            sample_interval=1000,
+        ),
+        _GPT2_124M.replace(n_head=6, **_MODERN),
     ),
     # nanoGPT's config/train_gpt2.py: 12 x 1024 x 40 = 491,520 tokens a step, 600k steps on OpenWebText.
     "gpt2-124m-owt": _run(

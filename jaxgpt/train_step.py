@@ -14,7 +14,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from jaxgpt.losses import model_loss, model_weighted_nll
 from jaxgpt.params import ParamCodec, Params
@@ -26,12 +26,22 @@ Batch = dict[str, jax.Array]
 
 
 def train_state_shardings(codec: ParamCodec, tx: optax.GradientTransformation, mesh: Mesh, fsdp: bool) -> TrainState:
-    """Explicit shardings for every leaf: optimizer moments are sharded exactly like their parameters."""
+    """Explicit shardings for every leaf: optimizer moments are sharded exactly like their parameters.
+
+    A moment is found by its key: every per-parameter tree in an optax state is a dict keyed by the
+    flat parameter names, whole (AdamW) or a subset (Muon's partition into a Muon and an AdamW group,
+    which ``optax.tree_map_params`` cannot see through). Counts and other scalars are replicated.
+    """
     param_shardings = codec.shardings(mesh, fsdp)
     abstract_opt = jax.eval_shape(tx.init, codec.abstract)
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, sharding: sharding, abstract_opt, param_shardings, transform_non_params=lambda _: replicated(mesh)
-    )
+
+    def sharding(path: tuple, leaf: jax.ShapeDtypeStruct) -> NamedSharding:
+        name = getattr(path[-1], "key", None) if path else None
+        if name in param_shardings and leaf.shape == codec.abstract[name].shape:
+            return param_shardings[name]
+        return replicated(mesh)
+
+    opt_shardings = jax.tree_util.tree_map_with_path(sharding, abstract_opt)
     scalar = replicated(mesh)
     return TrainState(scalar, param_shardings, opt_shardings, scalar, scalar)
 

@@ -143,8 +143,9 @@ def _pretrained(run_config: RunConfig) -> tuple[GPTConfig, dict[str, np.ndarray]
     block_size = asked.block_size if "block_size" in run_config.model_flags else config.block_size
     if block_size > config.block_size:
         raise UserError(f"--block_size {block_size} exceeds the pretrained model's context ({config.block_size})")
-    if block_size < config.block_size:  # nanoGPT's crop_block_size: keep the first positions
-        params["wpe.embedding"] = params["wpe.embedding"][:block_size]
+    if block_size < config.block_size:  # nanoGPT's crop_block_size: keep the first positions (rotary has none)
+        if "wpe.embedding" in params:
+            params["wpe.embedding"] = params["wpe.embedding"][:block_size]
         config = config.replace(block_size=block_size)
     return config, params
 

@@ -70,6 +70,19 @@ def greedy_by_forward(model: GPT, prompt: list[int], n: int) -> list[int]:
 
 def test_cached_decode_logits_match_full_forward(model):
     """Left-padded batched prefill + decoding in chunks of 1 to 5 tokens == the unpadded forward pass of each row."""
+    assert_cached_decode_matches_forward(model)
+
+
+def test_cached_decode_with_rotary_and_qk_norm_matches_full_forward():
+    """Keys are cached rotated to their own positions (per row: ragged, left-padded prompts)."""
+    modern = CONFIG.replace(
+        position_embedding="rotary", norm="rmsnorm", qk_norm=True, activation="relu2", tie_embeddings=False,
+        bias=False, logit_softcap=10.0,
+    )  # fmt: skip
+    assert_cached_decode_matches_forward(GPT(modern, nnx.Rngs(0)))
+
+
+def assert_cached_decode_matches_forward(model: GPT) -> None:
     chunks, prompt_len, cache_len = (1, 3, 1, 2, 5, 1), 16, 64
     steps = sum(chunks)
     rng = np.random.default_rng(0)

@@ -30,6 +30,13 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 def _param_table(config: GPTConfig) -> dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]]:
     """Our parameter path -> (HF tensor name, our shape, HF shape). One table serves both directions."""
+    options = config.non_gpt2_options()
+    if options:
+        raise UserError(
+            f"this model is not GPT-2's architecture ({', '.join(options)}): Hugging Face's GPT2LMHeadModel "
+            "has no place for it, so it cannot be exported in GPT-2 format. Keep it as a jaxgpt out_dir "
+            "(sample.py, --init_from and the evaluators read that directly)."
+        )
     c, h, d = config.n_embd, config.n_head, config.head_dim
     table = {
         "wte.embedding": ("wte.weight", (config.padded_vocab_size, c), (config.vocab_size, c)),
@@ -208,9 +215,9 @@ def save_hf_gpt2(model: GPT, out_dir: str | os.PathLike) -> Path:
     """Writes ``config.json`` + ``model.safetensors`` that ``GPT2LMHeadModel.from_pretrained`` loads."""
     from safetensors.numpy import save_file
 
+    tensors = params_to_hf(ParamCodec(model.config).to_host(model), model.config)  # checks the architecture first
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = params_to_hf(ParamCodec(model.config).to_host(model), model.config)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     os.chmod(out / "model.safetensors", 0o666 & ~_umask())  # safetensors creates it 0600
     (out / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2))
