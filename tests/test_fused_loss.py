@@ -74,17 +74,20 @@ def test_gradient_scales_with_the_cotangent():
     np.testing.assert_allclose(g3e, 3 * g1e, rtol=1e-6)
 
 
-def _tiny_gpts():
+def _tiny_gpts(**options):
     """The same tiny GPT (vocabulary padded 100 -> 128) with the plain and the fused loss."""
-    config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=VOCAB, pad_vocab_multiple=64)
+    config = GPTConfig(
+        n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=VOCAB, pad_vocab_multiple=64, **options
+    )
     plain = GPT(config.replace(loss="plain"), nnx.Rngs(0))
     fused = GPT(config.replace(loss="fused"), nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(3), (4, 16), 0, VOCAB)
     return plain, fused, tokens
 
 
-def test_train_loss_and_grads_match_plain_path_through_the_model():
-    plain, fused, tokens = _tiny_gpts()
+@pytest.mark.parametrize("options", [{}, {"tie_embeddings": False}], ids=["tied", "untied"])
+def test_train_loss_and_grads_match_plain_path_through_the_model(options):
+    plain, fused, tokens = _tiny_gpts(**options)
     assert resolve_loss(plain) == "plain" and resolve_loss(fused) == "fused"
 
     def loss_and_grads(model):
