@@ -108,7 +108,7 @@ def optimizer_from_config(cfg: TrainConfig) -> tuple[optax.Schedule, optax.Gradi
     """
 
     def schedule_at(peak: float) -> optax.Schedule:
-        min_lr = cfg.min_lr * peak / cfg.lr if cfg.lr else 0.0
+        min_lr = cfg.min_lr if peak == cfg.lr else min(peak, cfg.min_lr * peak / cfg.lr)
         return learning_rate_schedule(peak, min_lr, cfg.warmup_steps, cfg.decay_steps, cfg.warmdown_steps)
 
     schedule = schedule_at(cfg.lr)

@@ -42,7 +42,7 @@ class TrainConfig:
     lr_decay_steps: int | None = option(None, "step where the cosine reaches min_lr (default: max_steps)")
     warmdown_steps: int = option(0, "0: cosine decay; N: constant lr, then linear to min_lr over the last N steps")
     optimizer: Literal["adamw", "muon"] = option("adamw", "adamw, or muon: Muon on hidden matrices, AdamW on the rest")
-    muon_lr: float = option(0.02, "Muon's peak learning rate (per-entry RMS step; same schedule shape as --lr)")
+    muon_lr: float = option(0.02, "Muon's peak learning rate (per-entry RMS step; the schedule shape of lr)")
     muon_momentum: float = option(0.95, "Muon's Nesterov momentum")
     weight_decay: float = option(0.1, "weight decay on matrices and embeddings (with muon: on the Muon matrices only)")
     beta1: float = option(0.9, "AdamW beta1")

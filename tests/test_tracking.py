@@ -157,7 +157,8 @@ def test_wandb_offline_run_holds_the_metrics_and_resumes_by_the_stored_id(tmp_pa
 def test_training_logs_tensorboard_and_writes_a_profile(tmp_path):
     data_dir = write_token_data(tmp_path / "data")
     out_dir = tmp_path / "out"
-    args = train_args(data_dir, out_dir, "--vocab_size", "50257", "--sample_tokens", "4")  # GPT-2's vocab: samples
+    sampled = ["--vocab_size", "50257", "--sample_tokens", "4", "--sample_interval", "0"]  # a sample at the end
+    args = train_args(data_dir, out_dir, *sampled)
     train(parse_run_config([*args, "--tensorboard", "--profile_steps", "2:4"]))  # log every step, evaluate at the end
     assert_same(tensorboard_scalars(out_dir), metrics_by_tag(out_dir))
     assert {"loss", "val_loss", "lr", "grad_norm"} <= set(metrics_by_tag(out_dir))
