@@ -9,7 +9,7 @@ from flax import nnx
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.eval.scoring import RowScorer
-from jaxgpt.fused_loss import fused_cross_entropy, fused_token_log_probs
+from jaxgpt.fused_loss import _logsumexp, fused_cross_entropy, fused_token_log_probs
 from jaxgpt.losses import cross_entropy, model_loss, resolve_loss, token_log_probs
 from jaxgpt.model import GPT
 
@@ -107,3 +107,10 @@ def test_scoring_matches_plain_path():
     np.testing.assert_allclose(
         RowScorer(fused)(inputs, targets, weights), RowScorer(plain)(inputs, targets, weights), rtol=1e-5
     )
+
+
+def test_one_pass_logsumexp_matches_two_pass():
+    """The variadic (max, sum) reduction against jax.nn.logsumexp, masked entries and large logits included."""
+    logits = 30.0 * jax.random.normal(jax.random.key(3), (4, 7, 1000))
+    logits = logits.at[..., 900:].set(jnp.finfo(jnp.float32).min).at[0, 0, 5].set(1e4)
+    np.testing.assert_allclose(_logsumexp(logits), jax.nn.logsumexp(logits, axis=-1), rtol=1e-6)

@@ -14,7 +14,7 @@ from flax import nnx
 from jaxgpt.config import GPTConfig, preset
 from jaxgpt.errors import UserError
 from jaxgpt.losses import cross_entropy
-from jaxgpt.model import GPT, count_params, explicit_attention, resolve_attention
+from jaxgpt.model import GPT, count_params, explicit_attention, gelu_new, resolve_attention
 
 TINY = GPTConfig(vocab_size=100, block_size=32, n_layer=2, n_head=4, n_embd=32)
 
@@ -123,3 +123,16 @@ def test_sequence_longer_than_context_is_refused():
 def test_bad_config_is_a_user_error(bad):
     with pytest.raises(UserError):
         TINY.replace(**bad)
+
+
+def test_gelu_new_value_and_gradients_equal_autodiff():
+    """The hand-written backward pass (recomputing from the matmul's output) against autodiff of the same GELU."""
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    product, bias = 3 * jax.random.normal(k1, (2, 5, 16)), jax.random.normal(k2, (16,))
+    cotangent = jax.random.normal(k3, product.shape)
+    reference = lambda p, b: jax.nn.gelu(p + b, approximate=True)
+    ours, ours_vjp = jax.vjp(gelu_new, product, bias)
+    expected, expected_vjp = jax.vjp(reference, product, bias)
+    np.testing.assert_allclose(ours, expected, rtol=1e-6)
+    for got, want in zip(ours_vjp(cotangent), expected_vjp(cotangent), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
