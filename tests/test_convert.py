@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from jaxgpt.convert import load_hf_gpt2, save_hf_gpt2
 from jaxgpt.errors import UserError
@@ -77,9 +78,14 @@ def test_greedy_tokens_match_transformers_generate(tmp_path):
             torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0
         )
     expected = out[0, len(prompt) :].tolist()
-    tokens = list(prompt)
-    for _ in range(20):  # the plain forward pass, no cache: the sampling issue tests the cached path
-        tokens.append(int(np.asarray(model(jnp.asarray([tokens], jnp.int32)))[0, -1].argmax()))
+    # The plain forward pass, no cache (the sampling tests check the cached path), compiled once: the
+    # sequence is padded to its final length, and causal attention keeps padding out of earlier logits.
+    forward = nnx.jit(lambda m, t: m(t))
+    tokens = np.zeros((1, len(prompt) + 20), np.int32)
+    tokens[0, : len(prompt)] = prompt
+    for n in range(len(prompt), tokens.shape[1]):
+        tokens[0, n] = int(np.asarray(forward(model, jnp.asarray(tokens)))[0, n - 1].argmax())
+    tokens = tokens[0].tolist()
     assert tokens[len(prompt) :] == expected
 
 

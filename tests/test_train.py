@@ -41,10 +41,10 @@ def first_losses(data_dir, out_dir, *extra, steps=3):
 
 def test_meshes_give_the_same_losses_as_one_device(data_dir, tmp_path):
     reference, _ = first_losses(data_dir, tmp_path / "ref", "--mesh", "1x1")
-    for mesh in ("8x1", "4x2", "2x4"):
-        for fsdp in ("false", "true"):
-            losses, run = first_losses(data_dir, tmp_path / f"{mesh}{fsdp}", "--mesh", mesh, "--fsdp", fsdp)
-            np.testing.assert_allclose(losses, reference, atol=1e-5, err_msg=f"mesh {mesh} fsdp {fsdp}")
+    # data parallel only; data and model parallel with FSDP; mostly model parallel with FSDP
+    for mesh, fsdp in (("8x1", "false"), ("4x2", "true"), ("2x4", "true")):
+        losses, run = first_losses(data_dir, tmp_path / f"{mesh}{fsdp}", "--mesh", mesh, "--fsdp", fsdp)
+        np.testing.assert_allclose(losses, reference, atol=1e-5, err_msg=f"mesh {mesh} fsdp {fsdp}")
     # the last run (2x4, fsdp): parameters and Adam moments really are split as the rules say
     kernel = run.state.params["h.0.mlp.c_fc.kernel"]
     assert kernel.sharding.spec == P("data", "model")
