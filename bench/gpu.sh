@@ -32,13 +32,13 @@ bench() { "$@" 2>&1 | grep -E '^\||GFLOP|tokens/s|items/s' | tee -a "$REPORT"; }
 
 if $TINY; then
   TRAIN=(--n_layer 2 --n_head 2 --n_embd 64 --block_size 64 --steps 2)
-  BATCHES=(4 8); ATTENTION=(xla); TEST_PLATFORM=cpu; TESTS=(tests/test_fused_loss.py)
+  BATCHES=(4 8); ATTENTION=(xla); LOSSES=(fused plain); TEST_PLATFORM=cpu; TESTS=(tests/test_fused_loss.py)
   SAMPLE=(--batch_sizes 1,2 --prompt_len 8 --new_tokens 8 --repeats 1 --hf false)
   EVAL=(--items 4 --batch_size 2)
 else
   TRAIN=(--preset gpt2-124m-fineweb --grad_accum 1 --steps 20)
-  BATCHES=(16 32 64); ATTENTION=(cudnn xla); TEST_PLATFORM="$PLATFORM"
-  TESTS=(tests/test_model.py tests/test_fused_loss.py tests/test_convert.py)
+  BATCHES=(16 32 64); ATTENTION=(cudnn xla); LOSSES=(fused fused_pallas plain); TEST_PLATFORM="$PLATFORM"
+  TESTS=(tests/test_model.py tests/test_fused_loss.py tests/test_head_kernel.py tests/test_convert.py)
   SAMPLE=(--batch_sizes 1,8,64 --dtype bfloat16)
   EVAL=(--items 512 --batch_size 32 --dtype bfloat16)
 fi
@@ -49,7 +49,7 @@ section "Parity tests on ${TEST_PLATFORM}"
 
 section "Train step (bench.bench_train; attention x loss x micro-batch)"
 for attention in "${ATTENTION[@]}"; do
-  for loss in fused plain; do
+  for loss in "${LOSSES[@]}"; do
     for batch in "${BATCHES[@]}"; do
       echo "attention=${attention} loss=${loss} micro-batch=${batch}" | tee -a "$REPORT"
       bench python3 -m bench.bench_train "${TRAIN[@]}" --attention "$attention" --loss "$loss" --batch_size "$batch"

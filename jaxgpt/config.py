@@ -10,7 +10,7 @@ from jaxgpt.options import option
 
 DType = Literal["float32", "bfloat16", "float16"]
 AttentionImpl = Literal["xla", "cudnn", "auto"]
-LossImpl = Literal["fused", "plain", "auto"]
+LossImpl = Literal["fused", "fused_pallas", "plain", "auto"]
 PositionEmbedding = Literal["learned", "rotary"]
 Norm = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu", "relu2"]
@@ -31,7 +31,9 @@ class GPTConfig:
     param_dtype: DType = option("float32", "storage dtype of the parameters (keep float32 to train)")
     attention: AttentionImpl = option("auto", "attention kernel: xla, cudnn (flash, GPU) or auto")
     loss: LossImpl = option(
-        "auto", "head + cross-entropy: fused (tiled, no [tokens, vocab] logits), plain, or auto (plain on CPU)"
+        "auto",
+        "head + cross-entropy: fused (tiled, no [tokens, vocab] logits), fused_pallas (plus a Pallas head kernel, "
+        "GPU), plain, or auto (plain on CPU, else fused)",
     )
     remat: bool = option(False, "rematerialise each block in the backward pass (saves memory, costs FLOPs)")
     layer_norm_eps: float = option(1e-5, "LayerNorm/RMSNorm epsilon (GPT-2: 1e-5)")
@@ -61,7 +63,7 @@ class GPTConfig:
             raise UserError(f"rotary embeddings need an even head size, got {self.head_dim}")
         if self.logit_softcap < 0:
             raise UserError(f"logit_softcap must be >= 0 (0: off), got {self.logit_softcap}")
-        if self.loss == "fused" and self.logit_softcap:
+        if self.loss in ("fused", "fused_pallas") and self.logit_softcap:
             raise UserError("the fused loss has no logit soft-cap: use --loss plain (or auto) with --logit_softcap")
 
     def non_gpt2_options(self) -> list[str]:

@@ -19,6 +19,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxgpt import head_kernel
+
 CHUNK_TOKENS = 16384  # tokens per tile (global): a GPT-2 tile of bfloat16 logits is 1.6 GB
 
 
@@ -59,6 +61,18 @@ def _logsumexp(logits: jax.Array) -> jax.Array:
     return top + jnp.log(total)
 
 
+def _tile_logits_and_lse(
+    h: jax.Array, embedding: jax.Array, vocab_size: int, kernel: bool
+) -> tuple[jax.Array, jax.Array]:
+    """float32 logits [B, t, Vp] (padded ids masked) and their log-sum-exp [B, t]: XLA's matmul and a
+    one-pass reduction, or with ``kernel`` the Pallas head kernel where the tile fits it (one read fewer)."""
+    if kernel and head_kernel.fits(h.shape, embedding.shape[0]):
+        logits, lse = head_kernel.head_logits(h, embedding, vocab_size)
+        return logits.astype(jnp.float32), lse
+    logits = _tile_logits(h, embedding, vocab_size)
+    return logits, _logsumexp(logits)
+
+
 def _target_logits(h: jax.Array, embedding: jax.Array, targets: jax.Array) -> jax.Array:
     """float32 [B, t]: each target's logit from its embedding row, so the logits tile is not read for it.
 
@@ -79,7 +93,12 @@ def _tiled(h: jax.Array, targets: jax.Array, weights: jax.Array, chunk_tokens: i
 
 
 def fused_token_log_probs(
-    h: jax.Array, embedding: jax.Array, targets: jax.Array, vocab_size: int, chunk_tokens: int = CHUNK_TOKENS
+    h: jax.Array,
+    embedding: jax.Array,
+    targets: jax.Array,
+    vocab_size: int,
+    chunk_tokens: int = CHUNK_TOKENS,
+    kernel: bool = False,
 ) -> jax.Array:
     """log p(target) float32 [B, T] from final hidden states [B, T, C] and the tied embedding [Vp, C]."""
     assert h.shape[:2] == targets.shape and h.shape[-1] == embedding.shape[-1], (h.shape, targets.shape)
@@ -90,22 +109,22 @@ def fused_token_log_probs(
     def body(i, out):
         start = i * tile
         h_tile = jax.lax.dynamic_slice_in_dim(h, start, tile, axis=1)
-        logits = _tile_logits(h_tile, embedding, vocab_size)
+        _, lse = _tile_logits_and_lse(h_tile, embedding, vocab_size, kernel)
         tile_targets = jax.lax.dynamic_slice_in_dim(targets, start, tile, axis=1)
-        log_probs = _target_logits(h_tile, embedding, tile_targets) - _logsumexp(logits)
+        log_probs = _target_logits(h_tile, embedding, tile_targets) - lse
         return jax.lax.dynamic_update_slice_in_dim(out, log_probs, start, axis=1)
 
     out = jax.lax.fori_loop(0, n_tiles, body, jnp.zeros(targets.shape, jnp.float32))
     return out[:, :t]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _weighted_nll(h, embedding, targets, weights, vocab_size, chunk_tokens):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _weighted_nll(h, embedding, targets, weights, vocab_size, chunk_tokens, kernel):
     """sum(weights * -log p(target)): a float32 scalar."""
-    return -(fused_token_log_probs(h, embedding, targets, vocab_size, chunk_tokens) * weights).sum()
+    return -(fused_token_log_probs(h, embedding, targets, vocab_size, chunk_tokens, kernel) * weights).sum()
 
 
-def _weighted_nll_fwd(h, embedding, targets, weights, vocab_size, chunk_tokens):
+def _weighted_nll_fwd(h, embedding, targets, weights, vocab_size, chunk_tokens, kernel):
     """The loss and its gradients for a cotangent of 1, tile by tile in one pass."""
     t = targets.shape[1]
     head = embedding.astype(h.dtype)
@@ -117,8 +136,7 @@ def _weighted_nll_fwd(h, embedding, targets, weights, vocab_size, chunk_tokens):
         h_tile = jax.lax.dynamic_slice_in_dim(h_tiles, start, tile, axis=1)
         tile_targets = jax.lax.dynamic_slice_in_dim(targets, start, tile, axis=1)
         tile_weights = jax.lax.dynamic_slice_in_dim(weights, start, tile, axis=1)
-        logits = _tile_logits(h_tile, head, vocab_size)
-        lse = _logsumexp(logits)
+        logits, lse = _tile_logits_and_lse(h_tile, head, vocab_size, kernel)
         loss += ((lse - _target_logits(h_tile, head, tile_targets)) * tile_weights).sum()
         # d loss / d logits = weight * (softmax - onehot); masked ids have softmax exactly 0.
         onehot = jnp.arange(logits.shape[-1]) == tile_targets[..., None]
@@ -133,7 +151,7 @@ def _weighted_nll_fwd(h, embedding, targets, weights, vocab_size, chunk_tokens):
     return loss, (grad_h[:, :t], grad_embedding.astype(embedding.dtype))
 
 
-def _weighted_nll_bwd(vocab_size, chunk_tokens, residuals, cotangent):
+def _weighted_nll_bwd(vocab_size, chunk_tokens, kernel, residuals, cotangent):
     grad_h, grad_embedding = residuals
     scale = lambda g: (g * cotangent).astype(g.dtype)
     return scale(grad_h), scale(grad_embedding), None, None
@@ -149,17 +167,19 @@ def fused_cross_entropy(
     vocab_size: int,
     weights: jax.Array | None = None,
     chunk_tokens: int = CHUNK_TOKENS,
+    kernel: bool = False,
 ) -> jax.Array:
     """Mean next-token NLL of the tied head on ``h`` [B, T, C], like ``losses.cross_entropy(logits, ...)``.
 
-    ``weights`` [B, T] (padding gets 0) give a weighted mean; their gradient is not computed.
+    ``weights`` [B, T] (padding gets 0) give a weighted mean; their gradient is not computed. ``kernel``:
+    logits and log-sum-exp from ``jaxgpt.head_kernel`` where a tile fits it.
     """
     if weights is None:
         weights = jnp.full(targets.shape, 1.0 / targets.size, jnp.float32)
     else:
         weights = weights.astype(jnp.float32)
         weights = weights / jnp.maximum(weights.sum(), 1.0)
-    return fused_weighted_nll(h, embedding, targets, vocab_size, weights, chunk_tokens)
+    return fused_weighted_nll(h, embedding, targets, vocab_size, weights, chunk_tokens, kernel)
 
 
 def fused_weighted_nll(
@@ -169,9 +189,10 @@ def fused_weighted_nll(
     vocab_size: int,
     weights: jax.Array,
     chunk_tokens: int = CHUNK_TOKENS,
+    kernel: bool = False,
 ) -> jax.Array:
     """sum(weights * -log p(target)) of the tied head on ``h`` [B, T, C]; no gradient flows to ``weights``."""
     assert h.shape[:2] == targets.shape == weights.shape, (h.shape, targets.shape, weights.shape)
     assert h.shape[-1] == embedding.shape[-1], (h.shape, embedding.shape)
     weights = jax.lax.stop_gradient(weights.astype(jnp.float32))
-    return _weighted_nll(h, embedding, targets, weights, vocab_size, chunk_tokens)
+    return _weighted_nll(h, embedding, targets, weights, vocab_size, chunk_tokens, kernel)

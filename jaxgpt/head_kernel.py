@@ -8,7 +8,9 @@ vocabulary) is gone. The rest of the fused loss is unchanged.
 
 Numerics follow the XLA path: logits rounded to the compute dtype, padded-vocabulary entries set to
 the dtype's minimum, the log-sum-exp in float32 from the rounded logits. On the CPU it runs with
-``interpret=True`` (tests); ``jaxgpt.plan`` compiles it for the GPU target.
+``interpret=True`` (tests); ``jaxgpt.plan`` compiles it for the GPU target. To XLA's partitioner the
+kernel is one opaque custom call, so on a mesh it runs inside ``shard_map`` over the context mesh the
+train step sets (``jaxgpt.sharding.on_mesh``), each device on its own rows of the batch.
 """
 
 from __future__ import annotations
@@ -19,8 +21,40 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import PartitionSpec
+
+from jaxgpt.sharding import rows_spec
+from jaxgpt.targets import compile_platform
 
 BLOCK_TOKENS, BLOCK_VOCAB, BLOCK_EMBD = 64, 128, 128  # Triton tiles are powers of two
+
+
+def head_logits(h: jax.Array, embedding: jax.Array, vocab_size: int) -> tuple[jax.Array, jax.Array]:
+    """``h`` [B, t, C] to logits [B, t, Vp] and their log-sum-exp [B, t], each device on its batch rows."""
+    interpret = compile_platform() != "gpu"
+
+    def local(h: jax.Array, embedding: jax.Array) -> tuple[jax.Array, jax.Array]:
+        b, t, c = h.shape
+        logits, lse = logits_and_logsumexp(h.reshape(b * t, c), embedding, vocab_size, interpret)
+        return logits.reshape(b, t, -1), lse.reshape(b, t)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local(h, embedding)
+    spec = rows_spec(mesh, h.shape[0])
+    shard = jax.shard_map(local, mesh=mesh, in_specs=(spec, PartitionSpec()), out_specs=(spec, spec), check_vma=False)
+    return shard(h, embedding)
+
+
+def fits(h_shape: tuple[int, ...], padded_vocab: int) -> bool:
+    """Whether ``head_logits`` can take a [B, t, C] tile: its rows on one device tile evenly, and a batch
+    spread over several devices is split by the train step's mesh (XLA could not split the kernel)."""
+    b, t, c = h_shape
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return jax.device_count() == 1 and supported(b * t, padded_vocab, c)
+    shards = mesh.shape[rows_spec(mesh, b)[0]] if rows_spec(mesh, b)[0] else 1
+    return supported(b // shards * t, padded_vocab, c)
 
 
 def supported(n_tokens: int, padded_vocab: int, n_embd: int) -> bool:

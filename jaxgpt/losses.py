@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 
@@ -33,10 +35,14 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | No
 
 
 def resolve_loss(model: GPT) -> str:
-    """``fused`` or ``plain``; auto is plain on the CPU, where the plain path measured faster (docs/benchmarks.md),
-    and with a logit soft-cap, which the fused loss does not apply."""
+    """``fused``, ``fused_pallas`` or ``plain``; auto is plain on the CPU, where the plain path measured faster
+    (docs/benchmarks.md), and with a logit soft-cap, which the fused loss does not apply. The Pallas head
+    kernel is compiled for GPUs only (elsewhere it would run in Pallas' slow interpreter)."""
     if model.config.loss == "auto":
         return "plain" if compile_platform() == "cpu" or model.config.logit_softcap else "fused"
+    if model.config.loss == "fused_pallas" and compile_platform() != "gpu":
+        warnings.warn(f"loss='fused_pallas' needs a GPU (backend {compile_platform()}); using 'fused'", stacklevel=2)
+        return "fused"
     return model.config.loss
 
 
@@ -47,24 +53,31 @@ def head_weights(model: GPT) -> jax.Array:
 
 def model_log_probs(model: GPT, inputs: jax.Array, targets: jax.Array) -> jax.Array:
     """log p(target) float32 [B, T] under ``model`` reading ``inputs`` (no dropout)."""
-    if resolve_loss(model) == "plain":
+    loss = resolve_loss(model)
+    if loss == "plain":
         return token_log_probs(model(inputs), targets)
-    return fused_token_log_probs(model.features(inputs), head_weights(model), targets, model.config.vocab_size)
+    features = model.features(inputs)
+    kernel = loss == "fused_pallas"
+    return fused_token_log_probs(features, head_weights(model), targets, model.config.vocab_size, kernel=kernel)
 
 
 def model_loss(model: GPT, inputs: jax.Array, targets: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
     """Mean next-token cross-entropy of ``model`` on a batch: the training loss."""
-    if resolve_loss(model) == "plain":
+    loss = resolve_loss(model)
+    if loss == "plain":
         return cross_entropy(model(inputs, dropout_key=dropout_key), targets)
     features = model.features(inputs, dropout_key=dropout_key)
-    return fused_cross_entropy(features, head_weights(model), targets, model.config.vocab_size)
+    kernel = loss == "fused_pallas"
+    return fused_cross_entropy(features, head_weights(model), targets, model.config.vocab_size, kernel=kernel)
 
 
 def model_weighted_nll(
     model: GPT, inputs: jax.Array, targets: jax.Array, weights: jax.Array, dropout_key: jax.Array | None = None
 ) -> jax.Array:
     """sum(weights * -log p(target)) of ``model`` on a batch: a masked (chat) loss before normalising."""
-    if resolve_loss(model) == "plain":
+    loss = resolve_loss(model)
+    if loss == "plain":
         return -(token_log_probs(model(inputs, dropout_key=dropout_key), targets) * weights).sum()
     features = model.features(inputs, dropout_key=dropout_key)
-    return fused_weighted_nll(features, head_weights(model), targets, model.config.vocab_size, weights)
+    kernel = loss == "fused_pallas"
+    return fused_weighted_nll(features, head_weights(model), targets, model.config.vocab_size, weights, kernel=kernel)

@@ -158,3 +158,8 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = "batch size")
             f"{what} {batch_size} is not divisible by the mesh's data axis ({data}); "
             f"use a multiple of {data} or a different --mesh"
         )
+
+
+def rows_spec(mesh: Mesh | jax.sharding.AbstractMesh, rows: int) -> PartitionSpec:
+    """A batch-first array inside ``shard_map``: rows over ``data`` where the axis divides them, else whole."""
+    return PartitionSpec(DATA if rows % mesh.shape[DATA] == 0 else None)

@@ -3,8 +3,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from jaxgpt.fused_loss import fused_cross_entropy
 from jaxgpt.head_kernel import logits_and_logsumexp, supported
+from jaxgpt.sharding import make_mesh
 
 
 def test_logits_and_logsumexp_equal_the_xla_path():
@@ -21,3 +25,32 @@ def test_logits_and_logsumexp_equal_the_xla_path():
     reference = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # of the kernel's own rounded logits
     np.testing.assert_allclose(lse, reference, rtol=1e-6)
     assert supported(tokens, padded, n_embd) and not supported(tokens, 50257, n_embd)
+
+
+def test_fused_loss_with_the_kernel_equals_without():
+    """Loss and gradients of the fused cross-entropy through the kernel (interpreted on the CPU, under
+    shard_map as in the train step: one batch row of 64 tokens on each of two devices) and through XLA."""
+    k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+    h = jax.random.normal(k1, (2, 64, 128)).astype(jnp.bfloat16)  # one 128-token tile
+    embedding = 0.3 * jax.random.normal(k2, (256, 128))
+    targets = jax.random.randint(k3, (2, 64), 0, 200)
+
+    devices = jax.devices()[:2]  # one on a one-GPU machine (bench/gpu.sh runs this test there)
+    mesh = make_mesh(f"{len(devices)}x1", devices)
+
+    def loss_and_grads(kernel):
+        loss = lambda h, e: fused_cross_entropy(h, e, targets, 200, chunk_tokens=128, kernel=kernel)
+
+        def step(h, e):  # traced with the mesh as context, as jaxgpt.sharding.on_mesh does for the train step
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                return jax.value_and_grad(loss, argnums=(0, 1))(h, e)
+
+        assert ("pallas_call" in str(jax.make_jaxpr(step)(h, embedding))) == kernel
+        shardings = (NamedSharding(mesh, P("data")), NamedSharding(mesh, P()))
+        return jax.jit(step, in_shardings=shardings)(h, embedding)
+
+    (loss, grads), (expected_loss, expected_grads) = loss_and_grads(True), loss_and_grads(False)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+    for got, want in zip(grads, expected_grads, strict=True):
+        got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2  # bfloat16 logits rounded in another order
