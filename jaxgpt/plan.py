@@ -4,19 +4,22 @@ python -m jaxgpt.plan --preset gpt2-124m-fineweb --target h100 --attention cudnn
 
 Takes every train.py flag plus ``--target``/``--num_devices``. Without the target's devices
 here, the step is compiled "deviceless" against a description of them (``jaxgpt.targets``;
-GPU targets need ``pip install -r requirements-plan.txt``). Prints, per device: parameter and
-optimizer bytes, temporaries, the total against the device's memory, whether XLA had to
-rematerialise, FLOPs and HBM bytes per token (custom calls included), and a roofline: the step
-can be no faster than its FLOPs at peak or its bytes at full bandwidth, whichever is slower.
+GPU targets need ``pip install -r requirements-plan.txt``, TPU slices
+``requirements-plan-tpu.txt``). Prints, per device: parameter and optimizer bytes, temporaries,
+the total against the device's memory, whether XLA had to rematerialise, FLOPs and HBM bytes per
+token (custom calls included), and a roofline: the step can be no faster than its FLOPs at peak
+or its bytes at full bandwidth, whichever is slower.
 """
 
 from __future__ import annotations
 
 import os
 
-# No accelerator on this machine: keep JAX on the CPU, so the CUDA plugin skips its driver check.
+# No accelerator on this machine: keep JAX on the CPU, so the CUDA plugin skips its driver check, and
+# let several processes load libtpu (it locks /tmp/libtpu_lockfile to guard a TPU that is not here).
 if not any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/accel0", "/dev/vfio")):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import dataclasses
 import json
@@ -47,8 +50,18 @@ GiB = 2**30
 class PlanConfig:
     """What to compile for (every train.py flag is accepted too)."""
 
-    target: str = option("h100", "h100, h200, a100 (compiled deviceless when absent) or cpu")
-    num_devices: int = option(1, "devices of the target; --mesh (default all on data) must cover them")
+    target: str = option(
+        "h100",
+        "h100, h200, a100, a TPU slice (v5e:2x2, v6e:4x4, v4:2x2x1, v5p:2x2x2, ...; compiled deviceless "
+        "when absent) or cpu",
+    )
+    num_devices: int | None = option(
+        None,
+        "devices of the target (default: 1 GPU, every chip of a TPU slice); --mesh (default all on data) covers them",
+    )
+    num_slices: int = option(
+        1, "TPU slices joined over the data-centre network (multi-slice); --mesh's data axis spans them"
+    )
     json: bool = option(False, "print one JSON object instead of the table")
     find_max_batch: bool = option(False, "also search, by compiling, the largest micro-batch that fits without remat")
     dump_hlo: str | None = option(None, "write the optimised HLO of the step to this file (to see where bytes go)")
@@ -217,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     config = build(PlanConfig, plan_args)
     run_config = parse_run_config(train_argv)
-    target = get_target(config.target)
+    target = get_target(config.target, config.num_slices)
     devices = target_devices(target, config.num_devices)
     plan = make_plan(run_config, target, devices, config.dump_hlo)
     if config.find_max_batch:

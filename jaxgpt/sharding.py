@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -135,6 +136,25 @@ def kv_cache_sharding(mesh: Mesh, n_head: int) -> NamedSharding:
     """A layer's KV cache [B, H, ., .]: batch over ``data``, heads over ``model`` like the attention weights."""
     heads = MODEL if n_head % mesh.shape[MODEL] == 0 else None
     return NamedSharding(mesh, PartitionSpec(DATA, heads, None, None))
+
+
+def attention_spec(mesh: Mesh | jax.sharding.AbstractMesh, batch: int, n_head: int) -> PartitionSpec:
+    """Attention's q, k, v and output [B, T, H, D] inside ``shard_map`` (``jaxgpt.tpu_attention``): batch
+    over ``data``, heads over ``model`` like the attention weights, each only where the axis divides it."""
+    data = DATA if batch % mesh.shape[DATA] == 0 else None
+    heads = MODEL if n_head % mesh.shape[MODEL] == 0 else None
+    return PartitionSpec(data, None, heads, None)
+
+
+def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """``fn`` traced with ``mesh`` as JAX's context mesh, so a kernel inside it can ``shard_map`` over the
+    same devices (XLA cannot split a custom call itself)."""
+
+    def traced_on_mesh(*args: Any, **kwargs: Any) -> Any:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced_on_mesh
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

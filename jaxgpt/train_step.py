@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxgpt.losses import model_loss, model_weighted_nll
 from jaxgpt.params import ParamCodec, Params
-from jaxgpt.sharding import accumulated_batch_sharding, replicated
+from jaxgpt.sharding import accumulated_batch_sharding, on_mesh, replicated
 from jaxgpt.train_state import TrainState
 
 # "inputs", "targets": int32 [grad_accum, batch, block_size]; chat data adds float32 "weights" (the loss mask)
@@ -109,7 +109,7 @@ def make_train_step(
 
 def jit_train_step(step_fn: Callable, state_shardings: TrainState, mesh: Mesh) -> Callable:
     return jax.jit(
-        step_fn,
+        on_mesh(step_fn, mesh),
         in_shardings=(state_shardings, accumulated_batch_sharding(mesh)),
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=(0,),
