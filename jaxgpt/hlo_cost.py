@@ -22,8 +22,9 @@ _SHAPE = re.compile(
     r"\b(pred|s4|s8|s16|s32|s64|u4|u8|u16|u32|u64|f8e4m3fn|f8e5m2|bf16|f16|f32|f64|c64|c128)\[([\d,]*)\]"
 )
 _BITS = {"pred": 8, "bf16": 16, "c64": 64, "c128": 128}
-# The TPU compiler's own bookkeeping, not kernels: buffers it placed side by side, an allocation, an index hint.
-_NOT_KERNELS = {"ConcatBitcast", "AllocateBuffer", "AssumeGatherIndicesInBound"}
+# The TPU compiler's own bookkeeping, not kernels: buffers placed side by side, an allocation, an index hint,
+# the multi-slice id.
+_NOT_KERNELS = {"ConcatBitcast", "AllocateBuffer", "AssumeGatherIndicesInBound", "SliceId"}
 
 
 @dataclasses.dataclass

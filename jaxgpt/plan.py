@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgpt.cli import ArgumentParser, add_dataclass_arguments, build, run
+from jaxgpt.errors import UserError
 from jaxgpt.hlo_cost import program_cost
 from jaxgpt.metrics import flops_per_token
 from jaxgpt.model import GPT, non_embedding_params, resolve_attention
@@ -44,6 +45,10 @@ from jaxgpt.train_state import init_train_state
 from jaxgpt.train_step import jit_train_step, make_train_step, train_state_shardings
 
 GiB = 2**30
+
+
+class DoesNotFit(UserError):
+    """The compiler refused the step (XLA:TPU does when its temporaries exceed the chip's memory)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +77,7 @@ class Plan:
     target: str
     device_kind: str
     num_devices: int
+    num_slices: int
     batch_size: int
     grad_accum: int
     tokens_per_step: int
@@ -117,7 +123,16 @@ def compile_step(run_config: RunConfig, target: Target, devices: list) -> jax.st
 def make_plan(run_config: RunConfig, target: Target, devices: list, dump_hlo: str | None = None) -> Plan:
     cfg, model = run_config.train_config, run_config.model_config
     with compiling_for(target.platform):
-        compiled = compile_step(run_config, target, devices)
+        try:
+            compiled = compile_step(run_config, target, devices)
+        except jax.errors.JaxRuntimeError as err:
+            if "RESOURCE_EXHAUSTED" not in str(err):
+                raise
+            reason = str(err).split("RESOURCE_EXHAUSTED: ", 1)[-1].splitlines()[0].rstrip(".")
+            raise DoesNotFit(
+                f"micro-batch {cfg.batch_size} does not fit on {target.name}: {reason}; lower --batch_size "
+                "(--find_max_batch searches for the largest that fits)"
+            ) from err
         attention = resolve_attention(model)
         n_params = non_embedding_params(nnx.eval_shape(lambda: GPT(model, nnx.Rngs(0))))
     memory = compiled.memory_analysis()
@@ -140,6 +155,7 @@ def make_plan(run_config: RunConfig, target: Target, devices: list, dump_hlo: st
         target=target.name,
         device_kind=devices[0].device_kind,
         num_devices=n,
+        num_slices=target.num_slices,
         batch_size=cfg.batch_size,
         grad_accum=cfg.grad_accum,
         tokens_per_step=tokens,
@@ -180,10 +196,17 @@ def largest_batch(fits: Callable[[int], bool], start: int, fits_at_start: bool, 
     return low or None
 
 
+def with_batch_size(run_config: RunConfig, batch: int) -> RunConfig:
+    return dataclasses.replace(run_config, train_config=dataclasses.replace(run_config.train_config, batch_size=batch))
+
+
 def _fits_without_remat(run_config: RunConfig, target: Target, devices: list) -> Callable[[int], bool]:
     def fits(batch: int) -> bool:
-        train = dataclasses.replace(run_config.train_config, batch_size=batch)
-        plan = make_plan(dataclasses.replace(run_config, train_config=train), target, devices)
+        try:
+            plan = make_plan(with_batch_size(run_config, batch), target, devices)
+        except DoesNotFit as err:
+            print(f"  {err}", file=sys.stderr)
+            return False
         print(f"  micro-batch {batch}: {plan.total_bytes / GiB:.1f} GiB, fits={plan.fits}", file=sys.stderr)
         return plan.fits
 
@@ -198,7 +221,8 @@ def format_plan(plan: Plan) -> str:
     remat += ", jax.checkpoint per block (--remat)" if plan.jax_remat else ""
     calls = ", ".join(f"{k} x{v}" for k, v in sorted(plan.custom_calls.items())) or "none"
     lines = [
-        f"target              {plan.target} ({plan.device_kind}) x {plan.num_devices}",
+        f"target              {plan.target} ({plan.device_kind}) x {plan.num_devices}"
+        + (f" in {plan.num_slices} slices" if plan.num_slices > 1 else ""),
         f"step                micro-batch {plan.batch_size} x grad_accum {plan.grad_accum}: "
         f"{plan.tokens_per_step:,} tokens, attention {plan.attention}",
         "per device:",
@@ -232,11 +256,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     run_config = parse_run_config(train_argv)
     target = get_target(config.target, config.num_slices)
     devices = target_devices(target, config.num_devices)
-    plan = make_plan(run_config, target, devices, config.dump_hlo)
+    try:
+        plan = make_plan(run_config, target, devices, config.dump_hlo)
+    except DoesNotFit:
+        if not config.find_max_batch:
+            raise
+        plan = None
     if config.find_max_batch:
         data_axis = make_mesh(run_config.train_config.mesh, devices).shape[DATA]
         fits = _fits_without_remat(run_config, target, devices)
-        plan.max_batch_size = largest_batch(fits, plan.batch_size, plan.fits, data_axis)
+        batch = run_config.train_config.batch_size
+        best = largest_batch(fits, batch, plan is not None and plan.fits, data_axis)
+        if best is None and plan is None:
+            raise DoesNotFit(f"not even micro-batch {data_axis} (one sequence per data shard) fits on {target.name}")
+        if plan is None:  # show the plan of the largest micro-batch that fits instead
+            plan = make_plan(with_batch_size(run_config, best), target, devices, config.dump_hlo)
+        plan.max_batch_size = best
     print(json.dumps(dataclasses.asdict(plan)) if config.json else format_plan(plan))
 
 

@@ -157,6 +157,12 @@ def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
     return traced_on_mesh
 
 
+def context_data_shards() -> int:
+    """How many ways the context mesh (``on_mesh``: the train step) splits a batch; 1 outside one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else mesh.shape[DATA]
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

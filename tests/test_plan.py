@@ -45,6 +45,14 @@ def test_tpu_loops_count_once_per_iteration():
     assert 5 * 2 * 256**3 <= cost.flops < 5.5 * 2 * 256**3
 
 
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs requirements-plan-tpu.txt")
+def test_tpu_plan_that_does_not_fit_says_so():
+    # XLA:TPU refuses to compile a step whose temporaries exceed the chip's HBM: one clear error, no traceback.
+    wide = ["--n_layer", "1", "--n_head", "4", "--n_embd", "256", "--block_size", "256", "--vocab_size", "512"]
+    with pytest.raises(plan.DoesNotFit, match=r"micro-batch 8192 does not fit on v5e:1x1: .*HBM"):
+        plan.main(["--target", "v5e:1x1", *wide, "--dtype", "bfloat16", "--batch_size", "8192"])
+
+
 def test_tpu_targets_are_slices():
     assert get_target("v5e:4x4").num_devices == 16 and get_target("v4:2x2x1").memory_bytes == 32 * 2**30
     assert get_target("v5p:2x2x2", num_slices=2).num_devices == 16
