@@ -148,7 +148,9 @@ def make_plan(run_config: RunConfig, target: Target, devices: list, dump_hlo: st
     model_flops = flops_per_token(model, n_params)
     step_s = tokens_per_s = mfu = None
     if target.peak_flops and target.hbm_bytes_per_s:
-        step_s = max(cost.flops / target.peak_flops, cost.bytes_accessed / target.hbm_bytes_per_s)
+        # XLA gives a kernel (cuDNN's or splash attention) 0 FLOPs: the model's count is the floor.
+        flops = max(cost.flops, model_flops * tokens / n)
+        step_s = max(flops / target.peak_flops, cost.bytes_accessed / target.hbm_bytes_per_s)
         tokens_per_s = tokens / step_s
         mfu = tokens_per_s * model_flops / (target.peak_flops * n)
     return Plan(

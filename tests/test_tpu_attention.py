@@ -69,4 +69,6 @@ def test_v5e_plan_runs_splash_attention():
     assert result.device_kind == "TPU v5 lite" and result.num_devices == 4 and result.attention == "splash"
     # the forward kernel and the two backward ones (dq, dkv), each a Mosaic custom call, run once per layer
     assert result.custom_calls.get("tpu_custom_call", 0) >= 3 * 2 and result.custom_call_bytes_per_token > 0
-    assert result.fits and result.roofline_tokens_per_s > 0
+    # XLA counts the kernel's FLOPs as zero; the roofline takes the model's, so MFU stays a fraction
+    assert result.flops_per_token < result.model_flops_per_token and 0 < result.roofline_mfu <= 1
+    assert result.fits
