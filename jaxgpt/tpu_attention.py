@@ -5,8 +5,9 @@ TPU) computes causal attention block by block in on-chip memory: the [T, T] scor
 reach HBM, in the forward pass or the backward. To XLA's partitioner a Pallas kernel is one opaque
 custom call, so on a mesh it runs inside ``shard_map`` over the context mesh that the train step sets
 (``jaxgpt.sharding.on_mesh``), each device attending its own batch rows and heads
-(``jaxgpt.sharding.attention_spec``). Off TPU the same kernel runs in Pallas' interpreter: slow, for
-tests only. No dropout on the attention weights (``jaxgpt.model.resolve_attention`` falls back).
+(``jaxgpt.sharding.attention_spec``); without one, only on a single device. Off TPU the same kernel
+runs in Pallas' interpreter: slow, for tests only. No dropout on the attention weights
+(``jaxgpt.model.resolve_attention`` falls back to XLA's attention).
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ BLOCKS = (512, 256, 128)  # tokens per query/key block, largest first (512: MaxT
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Causal softmax attention of ``q, k, v`` [B, T, H, D], as ``jax.nn.dot_product_attention(is_causal=True)``.
 
-    A sequence that no block tiles (T not a multiple of 128: the kernel's lane width) takes XLA's attention.
+    XLA's attention runs instead for a sequence that no block tiles (T not a multiple of 128, the
+    kernel's lane width), and outside the train step on more than one device (evaluation, scoring):
+    without the step's mesh the kernel could not be split, and XLA cannot split it either.
     """
-    if splash_block(q.shape[1]) is None:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:  # outside the train step: one device, or XLA gathers the operands for the kernel
+    if splash_block(q.shape[1]) is None or (mesh.empty and jax.device_count() > 1):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    if mesh.empty:
         return _attend(q, k, v)
     spec = attention_spec(mesh, q.shape[0], q.shape[2])
     return jax.shard_map(_attend, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)

@@ -28,24 +28,28 @@ def _loss_and_grads(attention):
     return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
 
 
-@pytest.mark.parametrize("mesh_spec", [None, "2x2"])
+@pytest.mark.parametrize("mesh_spec", ["1x1", "2x2"])
 def test_splash_equals_xla_attention_and_its_gradients(mesh_spec):
-    # float32, B=4 T=128 H=4 D=16, Pallas' interpreter on the CPU; on a 2x2 mesh through shard_map
-    # (batch over data, heads over model). Tolerance: 1e-5 relative to the largest value.
+    # float32, B=4 T=128 H=4 D=16, Pallas' interpreter on the CPU, through shard_map on the step's mesh
+    # (2x2: batch over data, heads over model). Tolerance: 1e-5 relative to the largest value.
     q, k, v, w = (
         jax.random.normal(key, (4, 128, 4, 16), jnp.float32) for key in jax.random.split(jax.random.key(0), 4)
     )
     xla = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
     (_, expected), expected_grads = jax.jit(_loss_and_grads(xla))(q, k, v, w)
-    step = _loss_and_grads(splash_attention)
-    if mesh_spec is not None:
-        mesh = make_mesh(mesh_spec, jax.devices()[:4])
-        sharded = NamedSharding(mesh, PartitionSpec(DATA, None, MODEL, None))
-        q, k, v, w = jax.device_put((q, k, v, w), sharded)
-        step = on_mesh(step, mesh)
+    mesh = make_mesh(mesh_spec, jax.devices()[: 4 if mesh_spec == "2x2" else 1])
+    q, k, v, w = jax.device_put((q, k, v, w), NamedSharding(mesh, PartitionSpec(DATA, None, MODEL, None)))
+    step = on_mesh(_loss_and_grads(splash_attention), mesh)
+    assert "pallas_call" in str(jax.make_jaxpr(step)(q, k, v, w))
     (_, got), grads = jax.jit(step)(q, k, v, w)
     for a, b in zip((got, *grads), (expected, *expected_grads), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def test_without_the_steps_mesh_several_devices_take_xla_attention():
+    # A Mosaic kernel cannot be split by XLA: outside the train step (evaluation) it would not compile.
+    q = jnp.ones((8, 128, 4, 16), jnp.float32)
+    assert jax.device_count() > 1 and "pallas_call" not in str(jax.make_jaxpr(splash_attention)(q, q, q))
 
 
 def test_auto_picks_splash_on_tpu_without_dropout():
