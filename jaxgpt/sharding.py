@@ -4,7 +4,11 @@ The model names each parameter dimension with a logical axis (``vocab``, ``embed
 ``heads``, ``mlp``; see ``jaxgpt.model``). Here those names meet the two mesh axes:
 
 * ``data``: the batch is split over it (data parallelism); with ``fsdp`` the
-  ``embed`` dimension of every parameter is split over it too (ZeRO-3 style).
+  ``embed`` dimension of every parameter is split over it too (ZeRO-3 style). The train
+  step then gathers each weight where it is used (``gather_weights``), so XLA all-gathers
+  weights and reduce-scatters their gradients instead of gathering the activations, which
+  it otherwise chose: GPT-2 XL on 8 H100s needed 262 GiB of temporaries a device at
+  micro-batch 16 a device, 51 GiB with the weights gathered.
 * ``model``: tensor parallelism (Megatron): attention heads and the MLP's hidden
   units are split, so qkv and the MLP up-projection are split on their output
   dimension, the two output projections on their input dimension, and the
@@ -155,6 +159,11 @@ def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
             return fn(*args, **kwargs)
 
     return traced_on_mesh
+
+
+def gather_weights(params: dict[str, jax.Array], compute_shardings: dict[str, NamedSharding]) -> dict[str, jax.Array]:
+    """Parameters constrained to their shardings without FSDP (``compute_shardings``): a no-op without it."""
+    return {name: jax.lax.with_sharding_constraint(p, compute_shardings[name]) for name, p in params.items()}
 
 
 def context_data_shards() -> int:
