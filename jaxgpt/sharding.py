@@ -7,8 +7,8 @@ The model names each parameter dimension with a logical axis (``vocab``, ``embed
   ``embed`` dimension of every parameter is split over it too (ZeRO-3 style). The train
   step then gathers each weight where it is used (``gather_weights``), so XLA all-gathers
   weights and reduce-scatters their gradients instead of gathering the activations, which
-  it otherwise chose: GPT-2 XL on 8 H100s needed 262 GiB of temporaries a device at
-  micro-batch 16 a device, 51 GiB with the weights gathered.
+  it otherwise chose: GPT-2 XL on 8 H100s (16 sequences a device) needed 262 GiB of
+  temporaries a device before, 51 GiB with the weights gathered.
 * ``model``: tensor parallelism (Megatron): attention heads and the MLP's hidden
   units are split, so qkv and the MLP up-projection are split on their output
   dimension, the two output projections on their input dimension, and the
