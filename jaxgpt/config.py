@@ -9,7 +9,7 @@ from jaxgpt.errors import UserError
 from jaxgpt.options import option
 
 DType = Literal["float32", "bfloat16", "float16"]
-AttentionImpl = Literal["xla", "cudnn", "auto"]
+AttentionImpl = Literal["xla", "cudnn", "splash", "auto"]
 LossImpl = Literal["fused", "fused_pallas", "plain", "auto"]
 PositionEmbedding = Literal["learned", "rotary"]
 Norm = Literal["layernorm", "rmsnorm"]
@@ -29,7 +29,9 @@ class GPTConfig:
     pad_vocab_multiple: int = option(1, "pad the embedding table to a multiple of this (64 gives 50304: faster)")
     dtype: DType = option("float32", "compute dtype of activations and matmuls")
     param_dtype: DType = option("float32", "storage dtype of the parameters (keep float32 to train)")
-    attention: AttentionImpl = option("auto", "attention kernel: xla, cudnn (flash, GPU) or auto")
+    attention: AttentionImpl = option(
+        "auto", "attention kernel: xla, cudnn (flash, GPU), splash (flash, TPU; interpreted elsewhere: slow) or auto"
+    )
     loss: LossImpl = option(
         "auto",
         "head + cross-entropy: fused (tiled, no [tokens, vocab] logits), fused_pallas (plus a Pallas head kernel, "

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from jaxgpt import head_kernel
 
-CHUNK_TOKENS = 16384  # tokens per tile (global): a GPT-2 tile of bfloat16 logits is 1.6 GB
+CHUNK_TOKENS = 16384  # tokens per tile on each device of the data axis: a GPT-2 tile of bf16 logits is 1.6 GB
 
 
 def _tile_length(batch: int, seq_len: int, chunk_tokens: int) -> int:

@@ -1,7 +1,8 @@
 """FLOPs and memory traffic of a compiled XLA program, loops and custom calls included.
 
 XLA's HloCostAnalysis (run here on the optimised module, with the CPU backend's shape sizes)
-counts a while loop's body once and a custom call (cuDNN attention, a Pallas kernel) as free.
+counts a while loop's body once and a custom call (cuDNN attention, a Pallas kernel) as free
+(the TPU compiler's own ``cost_analysis()`` too).
 :func:`program_cost` multiplies each loop body by its known trip count and adds the operand and
 result bytes of every custom call, so gradient accumulation or a tiled loss cannot hide work.
 """
@@ -21,6 +22,9 @@ _SHAPE = re.compile(
     r"\b(pred|s4|s8|s16|s32|s64|u4|u8|u16|u32|u64|f8e4m3fn|f8e5m2|bf16|f16|f32|f64|c64|c128)\[([\d,]*)\]"
 )
 _BITS = {"pred": 8, "bf16": 16, "c64": 64, "c128": 128}
+# The TPU compiler's own bookkeeping, not kernels: buffers placed side by side, an allocation, an index hint,
+# the multi-slice id.
+_NOT_KERNELS = {"ConcatBitcast", "AllocateBuffer", "AssumeGatherIndicesInBound", "SliceId"}
 
 
 @dataclasses.dataclass
@@ -58,9 +62,27 @@ def _custom_call_bytes(instruction) -> int:
     return operands + shape_bytes(_result_shape(instruction))
 
 
-def _trip_count(instruction) -> int:
-    match = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', instruction.to_string())
-    return int(match[1]) if match else 1
+def _trip_count(instruction, computations) -> int:
+    """A while loop's iterations: XLA's annotation (GPU, CPU), else read off the loop condition (TPU):
+    ``counter < N`` on a tuple element that starts at a constant (JAX's scans and fori_loops)."""
+    text = instruction.to_string()
+    match = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', text)
+    if match:
+        return int(match[1])
+    condition = computations[re.search(r"condition=%([\w.\-]+)", text)[1]]
+    lines = {i.name: i.to_string() for i in condition.instructions()}
+    compare = [t for t in lines.values() if " compare(" in t and "direction=LT" in t]
+    if len(compare) != 1:
+        return 1
+    counter, limit = (
+        lines.get(name, "") for name in re.search(r"compare\(%([\w.\-]+), %([\w.\-]+)\)", compare[0]).groups()
+    )
+    index, bound = re.search(r"get-tuple-element\(.*index=(\d+)", counter), re.search(r" constant\((\d+)\)", limit)
+    if index is None or bound is None:
+        return 1
+    start = instruction.operands()[0].operands()[int(index[1])].to_string()
+    first = re.search(r" constant\((-?\d+)\)", start)
+    return max(int(bound[1]) - (int(first[1]) if first else 0), 1)
 
 
 def program_cost(module) -> ProgramCost:
@@ -92,6 +114,8 @@ def program_cost(module) -> ProgramCost:
             opcode = _opcode_name(instruction)
             if opcode == "custom-call":
                 target = re.search(r'custom_call_target="([^"]+)"', instruction.to_string())[1]
+                if target in _NOT_KERNELS:
+                    continue
                 custom_calls[target] = custom_calls.get(target, 0) + times
                 custom_bytes += times * _custom_call_bytes(instruction)
             elif opcode == "while":
@@ -99,7 +123,7 @@ def program_cost(module) -> ProgramCost:
                 inner = inclusive(body)  # already in ``cost`` once: count it ``trip count`` times instead
                 flops -= times * inner.get("flops", 0.0)
                 bytes_accessed -= times * inner.get("bytes accessed", 0.0)
-                pending.append((body, times * _trip_count(instruction)))
+                pending.append((body, times * _trip_count(instruction, computations)))
     return ProgramCost(flops, bytes_accessed + custom_bytes, custom_bytes, custom_calls, remat)
 
 

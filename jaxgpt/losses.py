@@ -12,8 +12,9 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.fused_loss import fused_cross_entropy, fused_token_log_probs, fused_weighted_nll
+from jaxgpt.fused_loss import CHUNK_TOKENS, fused_cross_entropy, fused_token_log_probs, fused_weighted_nll
 from jaxgpt.model import GPT
+from jaxgpt.sharding import context_data_shards
 from jaxgpt.targets import compile_platform
 
 
@@ -57,8 +58,7 @@ def model_log_probs(model: GPT, inputs: jax.Array, targets: jax.Array) -> jax.Ar
     if loss == "plain":
         return token_log_probs(model(inputs), targets)
     features = model.features(inputs)
-    kernel = loss == "fused_pallas"
-    return fused_token_log_probs(features, head_weights(model), targets, model.config.vocab_size, kernel=kernel)
+    return fused_token_log_probs(features, head_weights(model), targets, model.config.vocab_size, **_tiling(loss))
 
 
 def model_loss(model: GPT, inputs: jax.Array, targets: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
@@ -67,8 +67,7 @@ def model_loss(model: GPT, inputs: jax.Array, targets: jax.Array, dropout_key: j
     if loss == "plain":
         return cross_entropy(model(inputs, dropout_key=dropout_key), targets)
     features = model.features(inputs, dropout_key=dropout_key)
-    kernel = loss == "fused_pallas"
-    return fused_cross_entropy(features, head_weights(model), targets, model.config.vocab_size, kernel=kernel)
+    return fused_cross_entropy(features, head_weights(model), targets, model.config.vocab_size, **_tiling(loss))
 
 
 def model_weighted_nll(
@@ -79,5 +78,12 @@ def model_weighted_nll(
     if loss == "plain":
         return -(token_log_probs(model(inputs, dropout_key=dropout_key), targets) * weights).sum()
     features = model.features(inputs, dropout_key=dropout_key)
-    kernel = loss == "fused_pallas"
-    return fused_weighted_nll(features, head_weights(model), targets, model.config.vocab_size, weights, kernel=kernel)
+    head = head_weights(model)
+    return fused_weighted_nll(features, head, targets, model.config.vocab_size, weights, **_tiling(loss))
+
+
+def _tiling(loss: str) -> dict:
+    """The fused loss's tiles: ``CHUNK_TOKENS`` on every device of the step's data axis (smaller tiles would
+    re-read and re-write the float32 embedding gradient, which every tile adds to, more often: on a v5e 2x2
+    slice 4096 global tokens cost 0.23 MB a token more), through the Pallas head kernel for ``fused_pallas``."""
+    return dict(chunk_tokens=CHUNK_TOKENS * context_data_shards(), kernel=loss == "fused_pallas")

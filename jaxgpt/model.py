@@ -30,6 +30,7 @@ from flax import nnx
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.targets import compile_platform
+from jaxgpt.tpu_attention import splash_attention, splash_block
 
 Array = jax.Array
 
@@ -63,6 +64,8 @@ class CausalSelfAttention(nnx.Module):
         attn_key, resid_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         if attn_key is not None and self.dropout > 0:  # the fused kernels have no dropout on the weights
             y = explicit_attention(q, k, v, self.dropout, attn_key)
+        elif self.implementation == "splash":
+            y = splash_attention(q, k, v)
         else:
             y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
         return _dropout(self.c_proj(y), self.dropout, resid_key)
@@ -181,18 +184,29 @@ def rotary(x: Array, positions: Array, base: float) -> Array:
 
 
 def resolve_attention(config: GPTConfig) -> str:
-    """The attention kernel to use: cuDNN flash attention needs a GPU and 16-bit compute."""
-    on_gpu = compile_platform() == "gpu"
-    supported = on_gpu and config.dtype in ("bfloat16", "float16") and config.head_dim <= 128
-    if config.attention == "cudnn" and not supported:
+    """The attention kernel to use: cuDNN flash attention needs a GPU and 16-bit compute; splash flash
+    attention (``jaxgpt.tpu_attention``) is picked on a TPU, for a multiple of 128 positions, without dropout."""
+    platform = compile_platform()
+    cudnn_ok = platform == "gpu" and config.dtype in ("bfloat16", "float16") and config.head_dim <= 128
+    if config.attention == "cudnn" and not cudnn_ok:
         warnings.warn(
             f"attention='cudnn' needs a GPU and bfloat16/float16 compute (backend "
-            f"{compile_platform()}, dtype {config.dtype}); falling back to 'xla'",
+            f"{platform}, dtype {config.dtype}); falling back to 'xla'",
+            stacklevel=2,
+        )
+        return "xla"
+    if config.attention == "splash" and config.dropout > 0:
+        warnings.warn(
+            f"attention='splash' has no dropout on the attention weights (dropout {config.dropout}); "
+            "falling back to 'xla'",
             stacklevel=2,
         )
         return "xla"
     if config.attention == "auto":
-        return "cudnn" if supported else "xla"
+        if cudnn_ok:
+            return "cudnn"
+        splash_ok = platform == "tpu" and config.dropout == 0 and splash_block(config.block_size) is not None
+        return "splash" if splash_ok else "xla"
     return config.attention
 
 

@@ -4,19 +4,22 @@ python -m jaxgpt.plan --preset gpt2-124m-fineweb --target h100 --attention cudnn
 
 Takes every train.py flag plus ``--target``/``--num_devices``. Without the target's devices
 here, the step is compiled "deviceless" against a description of them (``jaxgpt.targets``;
-GPU targets need ``pip install -r requirements-plan.txt``). Prints, per device: parameter and
-optimizer bytes, temporaries, the total against the device's memory, whether XLA had to
-rematerialise, FLOPs and HBM bytes per token (custom calls included), and a roofline: the step
-can be no faster than its FLOPs at peak or its bytes at full bandwidth, whichever is slower.
+GPU targets need ``pip install -r requirements-plan.txt``, TPU slices
+``requirements-plan-tpu.txt``). Prints, per device: parameter and optimizer bytes, temporaries,
+the total against the device's memory, whether XLA had to rematerialise, FLOPs and HBM bytes per
+token (custom calls included), and a roofline: the step can be no faster than its FLOPs at peak
+or its bytes at full bandwidth, whichever is slower.
 """
 
 from __future__ import annotations
 
 import os
 
-# No accelerator on this machine: keep JAX on the CPU, so the CUDA plugin skips its driver check.
+# No accelerator on this machine: keep JAX on the CPU, so the CUDA plugin skips its driver check, and
+# let several processes load libtpu (it locks /tmp/libtpu_lockfile to guard a TPU that is not here).
 if not any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/accel0", "/dev/vfio")):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import dataclasses
 import json
@@ -28,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgpt.cli import ArgumentParser, add_dataclass_arguments, build, run
+from jaxgpt.errors import UserError
 from jaxgpt.hlo_cost import program_cost
 from jaxgpt.metrics import flops_per_token
 from jaxgpt.model import GPT, non_embedding_params, resolve_attention
@@ -43,12 +47,26 @@ from jaxgpt.train_step import jit_train_step, make_train_step, train_state_shard
 GiB = 2**30
 
 
+class DoesNotFit(UserError):
+    """The compiler refused the step (XLA:TPU does when its temporaries exceed the chip's memory)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PlanConfig:
     """What to compile for (every train.py flag is accepted too)."""
 
-    target: str = option("h100", "h100, h200, a100 (compiled deviceless when absent) or cpu")
-    num_devices: int = option(1, "devices of the target; --mesh (default all on data) must cover them")
+    target: str = option(
+        "h100",
+        "h100, h200, a100, a TPU slice (v5e:2x2, v6e:4x4, v4:2x2x1, v5p:2x2x2, ...; compiled deviceless "
+        "when absent) or cpu",
+    )
+    num_devices: int | None = option(
+        None,
+        "devices of the target (default: 1 GPU, every chip of a TPU slice); --mesh (default all on data) covers them",
+    )
+    num_slices: int = option(
+        1, "TPU slices joined over the data-centre network (multi-slice); --mesh's data axis spans them"
+    )
     json: bool = option(False, "print one JSON object instead of the table")
     find_max_batch: bool = option(False, "also search, by compiling, the largest micro-batch that fits without remat")
     dump_hlo: str | None = option(None, "write the optimised HLO of the step to this file (to see where bytes go)")
@@ -59,6 +77,7 @@ class Plan:
     target: str
     device_kind: str
     num_devices: int
+    num_slices: int
     batch_size: int
     grad_accum: int
     tokens_per_step: int
@@ -104,7 +123,16 @@ def compile_step(run_config: RunConfig, target: Target, devices: list) -> jax.st
 def make_plan(run_config: RunConfig, target: Target, devices: list, dump_hlo: str | None = None) -> Plan:
     cfg, model = run_config.train_config, run_config.model_config
     with compiling_for(target.platform):
-        compiled = compile_step(run_config, target, devices)
+        try:
+            compiled = compile_step(run_config, target, devices)
+        except jax.errors.JaxRuntimeError as err:
+            if "RESOURCE_EXHAUSTED" not in str(err):
+                raise
+            reason = str(err).split("RESOURCE_EXHAUSTED: ", 1)[-1].splitlines()[0].rstrip(".")
+            raise DoesNotFit(
+                f"micro-batch {cfg.batch_size} does not fit on {target.name}: {reason}; lower --batch_size "
+                "(--find_max_batch searches for the largest that fits)"
+            ) from err
         attention = resolve_attention(model)
         n_params = non_embedding_params(nnx.eval_shape(lambda: GPT(model, nnx.Rngs(0))))
     memory = compiled.memory_analysis()
@@ -120,13 +148,16 @@ def make_plan(run_config: RunConfig, target: Target, devices: list, dump_hlo: st
     model_flops = flops_per_token(model, n_params)
     step_s = tokens_per_s = mfu = None
     if target.peak_flops and target.hbm_bytes_per_s:
-        step_s = max(cost.flops / target.peak_flops, cost.bytes_accessed / target.hbm_bytes_per_s)
+        # XLA gives a kernel (cuDNN's or splash attention) 0 FLOPs: the model's count is the floor.
+        flops = max(cost.flops, model_flops * tokens / n)
+        step_s = max(flops / target.peak_flops, cost.bytes_accessed / target.hbm_bytes_per_s)
         tokens_per_s = tokens / step_s
         mfu = tokens_per_s * model_flops / (target.peak_flops * n)
     return Plan(
         target=target.name,
         device_kind=devices[0].device_kind,
         num_devices=n,
+        num_slices=target.num_slices,
         batch_size=cfg.batch_size,
         grad_accum=cfg.grad_accum,
         tokens_per_step=tokens,
@@ -167,10 +198,17 @@ def largest_batch(fits: Callable[[int], bool], start: int, fits_at_start: bool, 
     return low or None
 
 
+def with_batch_size(run_config: RunConfig, batch: int) -> RunConfig:
+    return dataclasses.replace(run_config, train_config=dataclasses.replace(run_config.train_config, batch_size=batch))
+
+
 def _fits_without_remat(run_config: RunConfig, target: Target, devices: list) -> Callable[[int], bool]:
     def fits(batch: int) -> bool:
-        train = dataclasses.replace(run_config.train_config, batch_size=batch)
-        plan = make_plan(dataclasses.replace(run_config, train_config=train), target, devices)
+        try:
+            plan = make_plan(with_batch_size(run_config, batch), target, devices)
+        except DoesNotFit as err:
+            print(f"  {err}", file=sys.stderr)
+            return False
         print(f"  micro-batch {batch}: {plan.total_bytes / GiB:.1f} GiB, fits={plan.fits}", file=sys.stderr)
         return plan.fits
 
@@ -185,7 +223,8 @@ def format_plan(plan: Plan) -> str:
     remat += ", jax.checkpoint per block (--remat)" if plan.jax_remat else ""
     calls = ", ".join(f"{k} x{v}" for k, v in sorted(plan.custom_calls.items())) or "none"
     lines = [
-        f"target              {plan.target} ({plan.device_kind}) x {plan.num_devices}",
+        f"target              {plan.target} ({plan.device_kind}) x {plan.num_devices}"
+        + (f" in {plan.num_slices} slices" if plan.num_slices > 1 else ""),
         f"step                micro-batch {plan.batch_size} x grad_accum {plan.grad_accum}: "
         f"{plan.tokens_per_step:,} tokens, attention {plan.attention}",
         "per device:",
@@ -217,13 +256,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     config = build(PlanConfig, plan_args)
     run_config = parse_run_config(train_argv)
-    target = get_target(config.target)
+    target = get_target(config.target, config.num_slices)
     devices = target_devices(target, config.num_devices)
-    plan = make_plan(run_config, target, devices, config.dump_hlo)
+    try:
+        plan = make_plan(run_config, target, devices, config.dump_hlo)
+    except DoesNotFit:
+        if not config.find_max_batch:
+            raise
+        plan = None
     if config.find_max_batch:
         data_axis = make_mesh(run_config.train_config.mesh, devices).shape[DATA]
         fits = _fits_without_remat(run_config, target, devices)
-        plan.max_batch_size = largest_batch(fits, plan.batch_size, plan.fits, data_axis)
+        batch = run_config.train_config.batch_size
+        best = largest_batch(fits, batch, plan is not None and plan.fits, data_axis)
+        if best is None and plan is None:
+            raise DoesNotFit(f"not even micro-batch {data_axis} (one sequence per data shard) fits on {target.name}")
+        if plan is None:  # show the plan of the largest micro-batch that fits instead
+            plan = make_plan(with_batch_size(run_config, best), target, devices, config.dump_hlo)
+        plan.max_batch_size = best
     print(json.dumps(dataclasses.asdict(plan)) if config.json else format_plan(plan))
 
 

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxgpt.losses import model_loss, model_weighted_nll
 from jaxgpt.params import ParamCodec, Params
-from jaxgpt.sharding import accumulated_batch_sharding, replicated
+from jaxgpt.sharding import accumulated_batch_sharding, gather_weights, on_mesh, replicated
 from jaxgpt.train_state import TrainState
 
 # "inputs", "targets": int32 [grad_accum, batch, block_size]; chat data adds float32 "weights" (the loss mask)
@@ -58,6 +58,9 @@ def loss_fn(
     """One micro-batch's share of the step's loss: its mean times ``scale``, or with ``weights`` their
     weighted sum times ``scale`` (1 / the step's total weight, so the step's loss is the mean over
     every weighted token of every micro-batch, not a mean of micro-batch means)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:  # the step's mesh (on_mesh): FSDP's weights are gathered where they are used
+        params = gather_weights(params, codec.shardings(mesh))
     model = codec.to_model(params)
     if weights is None:
         return model_loss(model, inputs, targets, key) * scale
@@ -109,7 +112,7 @@ def make_train_step(
 
 def jit_train_step(step_fn: Callable, state_shardings: TrainState, mesh: Mesh) -> Callable:
     return jax.jit(
-        step_fn,
+        on_mesh(step_fn, mesh),
         in_shardings=(state_shardings, accumulated_batch_sharding(mesh)),
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=(0,),

@@ -6,11 +6,16 @@ import json
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxgpt import plan
+from jaxgpt.errors import UserError
 from jaxgpt.hlo_cost import program_cost
+from jaxgpt.sharding import make_mesh
 from jaxgpt.targets import get_target, target_devices
 from jaxgpt.train_config import parse_run_config
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--vocab_size", "256"]
 
@@ -19,15 +24,54 @@ def _optimised_module(fn, *args):
     return jax.jit(fn).lower(*args).compile().runtime_executable().hlo_modules()[0]
 
 
+def _loop(x):
+    return jax.lax.fori_loop(0, 5, lambda i, y: jnp.tanh(y @ x), x)
+
+
 def test_loop_bodies_count_once_per_iteration():
     # XLA's own analysis prices a while body once; ours must see all 5 matmuls of 2*64^3 FLOPs.
-    def loop(x):
-        return jax.lax.fori_loop(0, 5, lambda i, y: jnp.tanh(y @ x), x)
-
     x = jnp.ones((64, 64), jnp.float32)
-    cost = program_cost(_optimised_module(loop, x))
+    cost = program_cost(_optimised_module(_loop, x))
     assert 5 * 2 * 64**3 <= cost.flops < 5.5 * 2 * 64**3
     assert cost.bytes_accessed >= 5 * 2 * x.nbytes and not cost.xla_remat and not cost.custom_calls
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs requirements-plan-tpu.txt")
+def test_tpu_loops_count_once_per_iteration():
+    # The TPU compiler's loops carry no trip count: it is read off the loop condition.
+    mesh = make_mesh("1x1", target_devices(get_target("v5e:1x1")))
+    x = jax.ShapeDtypeStruct((256, 256), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
+    cost = program_cost(_optimised_module(_loop, x))
+    assert 5 * 2 * 256**3 <= cost.flops < 5.5 * 2 * 256**3
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs requirements-plan-tpu.txt")
+def test_tpu_plan_that_does_not_fit_says_so():
+    # XLA:TPU refuses to compile a step whose temporaries exceed the chip's HBM: one clear error, no traceback.
+    wide = ["--n_layer", "1", "--n_head", "4", "--n_embd", "256", "--block_size", "256", "--vocab_size", "512"]
+    with pytest.raises(plan.DoesNotFit, match=r"micro-batch 8192 does not fit on v5e:1x1: .*HBM"):
+        plan.main(["--target", "v5e:1x1", *wide, "--dtype", "bfloat16", "--batch_size", "8192"])
+
+
+def test_tpu_targets_are_slices():
+    assert get_target("v5e:4x4").num_devices == 16 and get_target("v4:2x2x1").memory_bytes == 32 * 2**30
+    assert get_target("v5p:2x2x2", num_slices=2).num_devices == 16
+    for name, slices, message in [
+        ("v5e:2x2x1", 1, "written v5e:2x2"),
+        ("v5p:2x2", 1, "written v5p:2x2x1"),
+        ("h100", 2, "--num_slices is for TPU"),
+        ("v7:2x2", 1, "unknown --target"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            get_target(name, slices)
+    with pytest.raises(UserError, match="has 4 chips, not --num_devices 8"):
+        target_devices(get_target("v5e:2x2"), 8)
+
+
+@pytest.mark.skipif(HAS_LIBTPU, reason="checks the message when libtpu is missing")
+def test_tpu_target_without_libtpu_says_what_to_install():
+    with pytest.raises(UserError, match=r"requirements-plan-tpu\.txt"):
+        plan.main(["--target", "v5e:2x2", *TINY])
 
 
 def _cpu_plan(*flags):
