@@ -17,6 +17,15 @@ export TIKTOKEN_CACHE_DIR="${TIKTOKEN_CACHE_DIR:-$(cd .. && pwd)/shared/data/tik
 if ! $TINY && command -v nvidia-smi >/dev/null && ! python3 -c "import jax_cuda12_plugin" 2>/dev/null; then
   python3 -m pip install --quiet -r requirements-test.txt "jax[cuda12]==0.10.2"
 fi
+if ! python3 -c "import grain" 2>/dev/null; then
+  # GPU images often have JAX, Flax, optax, Orbax and PyTorch but not Grain. Without a package index, carry the
+  # wheels: `pip download grain==0.2.18 -d .whl` on a machine that has one (.whl/ is git-ignored).
+  if [[ -d .whl ]]; then
+    python3 -m pip install --quiet --no-index --find-links .whl grain==0.2.18
+  else
+    python3 -m pip install --quiet grain==0.2.18
+  fi
+fi
 PLATFORM=$(python3 -c "import jax; print(jax.default_backend())")
 DEVICE=$(python3 -c "import jax; print(jax.devices()[0].device_kind.replace(' ', '_'))")
 DATE=$(date -u +%Y-%m-%d)
