@@ -1,7 +1,7 @@
 """GPT-2's recipe against the modern one (Muon, rotary, QK-norm, ReLU², untied head...), side by side.
 
     python -m bench.bench_recipes                          # shakespeare vs shakespeare-modern, 500 steps each
-    python -m bench.bench_recipes --ablations --steps 150  # leave-one-out: which options carry the gain
+    python -m bench.bench_recipes --ablations --steps 120  # leave-one-out: which options carry the gain
 
 Both recipes train from the same seed on the same batches (same batch size and context, so the
 same tokens) for the same steps. Validation loss is measured every ``--eval_interval`` steps on the
