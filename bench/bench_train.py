@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jaxgpt import metrics as metrics_lib
+from jaxgpt.data.meta import index_dataset
 from jaxgpt.data.shards import shard_name, write_shard
 from jaxgpt.losses import cross_entropy
 from jaxgpt.model import GPT
@@ -34,6 +35,7 @@ def write_random_data(directory: Path, tokens: int, vocab_size: int) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", tokens), ("val", max(tokens // 10, 100_000))):
         write_shard(directory / shard_name("bench", split, 0), rng.integers(0, vocab_size, n, dtype=np.uint16))
+    index_dataset(directory)  # the meta.json that training checks shards against
 
 
 def time_steps(step, steps: int) -> float:
