@@ -53,8 +53,9 @@ def fits(h_shape: tuple[int, ...], padded_vocab: int) -> bool:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return jax.device_count() == 1 and supported(b * t, padded_vocab, c)
-    shards = mesh.shape[rows_spec(mesh, b)[0]] if rows_spec(mesh, b)[0] else 1
-    return supported(b // shards * t, padded_vocab, c)
+    rows_axis = rows_spec(mesh, b)[0]
+    local_rows = b // mesh.shape[rows_axis] if rows_axis else b
+    return supported(local_rows * t, padded_vocab, c)
 
 
 def supported(n_tokens: int, padded_vocab: int, n_embd: int) -> bool:
