@@ -10,18 +10,22 @@ call (``bench/bench_train.py`` measures the difference).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from jaxgpt.errors import UserError
 from jaxgpt.losses import model_loss, model_weighted_nll
+from jaxgpt.model import GPT
 from jaxgpt.params import ParamCodec, Params
 from jaxgpt.sharding import accumulated_batch_sharding, gather_weights, on_mesh, replicated
 from jaxgpt.train_state import TrainState
 
-# "inputs", "targets": int32 [grad_accum, batch, block_size]; chat data adds float32 "weights" (the loss mask)
+# "inputs", "targets": int32 [grad_accum, batch, block_size]; chat data adds float32 "weights" (the loss mask);
+# other objectives' batches hold what they need, every array [grad_accum, batch, ...]
 Batch = dict[str, jax.Array]
 
 
@@ -46,53 +50,84 @@ def train_state_shardings(codec: ParamCodec, tx: optax.GradientTransformation, m
     return TrainState(scalar, param_shardings, opt_shardings, scalar, scalar)
 
 
-def loss_fn(
-    codec: ParamCodec,
-    params: Params,
-    inputs: jax.Array,
-    targets: jax.Array,
-    weights: jax.Array | None,
-    key: jax.Array | None,
-    scale: jax.Array | float,
-):
-    """One micro-batch's share of the step's loss: its mean times ``scale``, or with ``weights`` their
-    weighted sum times ``scale`` (1 / the step's total weight, so the step's loss is the mean over
-    every weighted token of every micro-batch, not a mean of micro-batch means)."""
+class Objective(Protocol):
+    """What a step minimises (default :class:`NextToken`; DPO and GRPO in ``jaxgpt.rl``)."""
+
+    def scale(self, batch: Batch) -> jax.Array | float:
+        """1 / the step's normaliser: the step's loss is the sum of its micro-batches' losses times this."""
+        ...
+
+    def loss(
+        self, model: GPT, micro: Batch, key: jax.Array | None, reference: GPT | None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """A micro-batch's loss and extra metrics, each scaled by ``scale`` and summed over the step's micro-batches."""
+        ...
+
+
+class NextToken:
+    """Next-token cross-entropy: the mean over the step's tokens, or with ``weights`` (chat data) over every
+    weighted token of every micro-batch (1 / the step's total weight), not a mean of micro-batch means."""
+
+    def scale(self, batch: Batch) -> jax.Array | float:
+        if "inputs" not in batch:
+            raise UserError("these are preference pairs: train on them with --preset dpo (or --objective dpo)")
+        weights = batch.get("weights")  # pretraining: every micro-batch has as many targets
+        return 1.0 / batch["inputs"].shape[0] if weights is None else 1.0 / jnp.maximum(weights.sum(), 1.0)
+
+    def loss(self, model, micro, key, reference):
+        inputs, targets, weights = micro["inputs"], micro["targets"], micro.get("weights")
+        assert inputs.shape == targets.shape, (inputs.shape, targets.shape)
+        if weights is None:
+            return model_loss(model, inputs, targets, key), {}
+        return model_weighted_nll(model, inputs, targets, weights, key), {}
+
+
+def step_model(codec: ParamCodec, params: Params) -> GPT:
+    """The model of ``params`` inside a step: on the step's mesh (on_mesh), FSDP's weights are gathered first."""
     mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty:  # the step's mesh (on_mesh): FSDP's weights are gathered where they are used
+    if not mesh.empty:
         params = gather_weights(params, codec.shardings(mesh))
-    model = codec.to_model(params)
-    if weights is None:
-        return model_loss(model, inputs, targets, key) * scale
-    return model_weighted_nll(model, inputs, targets, weights, key) * scale
+    return codec.to_model(params)
 
 
 def make_train_step(
-    codec: ParamCodec, tx: optax.GradientTransformation, schedule: optax.Schedule
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """One optimizer step over ``grad_accum`` micro-batches (the gradient of their mean loss), skipping
-    non-finite updates."""
+    codec: ParamCodec, tx: optax.GradientTransformation, schedule: optax.Schedule, objective: Objective | None = None
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """One optimizer step over ``grad_accum`` micro-batches (the gradient of their summed, scaled losses), skipping
+    non-finite updates. ``reference`` (DPO's and GRPO's frozen weights) is passed to the objective as a model."""
     use_dropout = codec.config.dropout > 0
+    objective = NextToken() if objective is None else objective
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        inputs, targets, weights = batch["inputs"], batch["targets"], batch.get("weights")
-        assert inputs.ndim == 3 and inputs.shape == targets.shape, (inputs.shape, targets.shape)
-        accum = inputs.shape[0]
-        # pretraining: every micro-batch has as many targets, so the mean of their means is the mean
-        scale = 1.0 / accum if weights is None else 1.0 / jnp.maximum(weights.sum(), 1.0)
+    def train_step(
+        state: TrainState, batch: Batch, reference: Params | None = None
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        assert all(x.ndim >= 2 for x in batch.values()), {k: x.shape for k, x in batch.items()}
+        accum = next(iter(batch.values())).shape[0]
+        scale = objective.scale(batch)
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        grad_fn = jax.value_and_grad(lambda p, x, y, w, k: loss_fn(codec, p, x, y, w, k, scale))
+
+        def scaled_loss(params, micro, key):
+            ref = None if reference is None else step_model(codec, jax.lax.stop_gradient(reference))
+            loss, extra = objective.loss(step_model(codec, params), micro, key, ref)
+            return loss * scale, jax.tree.map(lambda x: x * scale, extra)
+
+        grad_fn = jax.value_and_grad(scaled_loss, has_aux=True)
 
         def micro_step(carry, xs):
-            grad_sum, loss_sum = carry
-            x, y, w, index = xs
+            grad_sum, loss_sum, extra_sum = carry
+            micro, index = xs
             key = jax.random.fold_in(step_key, index) if use_dropout else None
-            loss, grads = grad_fn(state.params, x, y, w, key)
-            return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss), None
+            (loss, extra), grads = grad_fn(state.params, micro, key)
+            return (
+                jax.tree.map(jnp.add, grad_sum, grads),
+                loss_sum + loss,
+                jax.tree.map(jnp.add, extra_sum, extra),
+            ), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        xs = (inputs, targets, weights, jnp.arange(accum))  # weights None: nothing extra is scanned
-        (grad_sum, loss), _ = jax.lax.scan(micro_step, (zeros, 0.0), xs)
+        micro0 = jax.tree.map(lambda x: x[0], batch)
+        extra_zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, micro0, None)[0][1])
+        (grad_sum, loss, extra), _ = jax.lax.scan(micro_step, (zeros, 0.0, extra_zeros), (batch, jnp.arange(accum)))
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grad_sum, state.params)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -104,16 +139,22 @@ def make_train_step(
         new_state = TrainState(
             state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), bad, state.rng
         )
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step)}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), **extra}
         return new_state, metrics
 
     return train_step
 
 
-def jit_train_step(step_fn: Callable, state_shardings: TrainState, mesh: Mesh) -> Callable:
-    return jax.jit(
+def jit_train_step(
+    step_fn: Callable, state_shardings: TrainState, mesh: Mesh, reference: Params | None = None
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The compiled step; a ``reference`` (sharded like the parameters, never donated) is passed to every call."""
+    in_shardings = (state_shardings, accumulated_batch_sharding(mesh))
+    in_shardings += () if reference is None else (state_shardings.params,)
+    jitted = jax.jit(
         on_mesh(step_fn, mesh),
-        in_shardings=(state_shardings, accumulated_batch_sharding(mesh)),
+        in_shardings=in_shardings,
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=(0,),
     )
+    return jitted if reference is None else lambda state, batch: jitted(state, batch, reference)

@@ -32,7 +32,7 @@ from jaxgpt.eval.loss import evaluate_loss
 from jaxgpt.loading import load_model
 from jaxgpt.model import GPT, non_embedding_params
 from jaxgpt.optim import optimizer_from_config
-from jaxgpt.params import ParamCodec
+from jaxgpt.params import ParamCodec, Params
 from jaxgpt.profiling import StepProfiler, parse_profile_steps
 from jaxgpt.run_dir import MetricsWriter, RunLock, make_run_dir, read_run_file, write_run_file
 from jaxgpt.sampling import generate
@@ -41,7 +41,7 @@ from jaxgpt.tokenizer import EOT_ID, get_tokenizer
 from jaxgpt.tracking import open_trackers
 from jaxgpt.train_config import SHAPE_FIELDS, RunConfig, TrainConfig
 from jaxgpt.train_state import TrainState, init_train_state
-from jaxgpt.train_step import jit_train_step, make_train_step, train_state_shardings
+from jaxgpt.train_step import Objective, jit_train_step, make_train_step, train_state_shardings
 
 
 class NonFiniteError(UserError):
@@ -63,22 +63,27 @@ class Run:
     checkpointer: Checkpointer
     flops_per_token: float
     resumed_from: int | None
+    objective: Objective | None = None  # None: the next-token loss
+    reference: Params | None = None  # with an objective: the frozen init_from weights, sharded like the params
 
 
-def setup(run_config: RunConfig, devices: list | None = None) -> Run:
-    """Builds the run; ``devices`` (default: all) is what ``--mesh`` must cover exactly."""
+def setup(run_config: RunConfig, devices: list | None = None, objective: Objective | None = None) -> Run:
+    """Builds the run; ``devices`` (default: all) is what ``--mesh`` must cover exactly. An ``objective``
+    (``jaxgpt.rl``'s DPO) replaces the next-token loss and is trained against the frozen ``init_from`` weights."""
+    if (run_config.train_config.objective == "lm") != (objective is None):
+        raise UserError(f"--objective {run_config.train_config.objective} needs its objective: run it with train.py")
     cfg = run_config.train_config
     mesh = make_mesh(cfg.mesh, devices)
     make_run_dir(cfg.out_dir)
     checkpointer = Checkpointer(cfg.out_dir, keep_last=cfg.keep_checkpoints)
     try:
-        return _build(run_config, mesh, checkpointer)
+        return _build(run_config, mesh, checkpointer, objective)
     except BaseException:
         checkpointer.close()  # a failed setup must not leave Orbax's background threads behind
         raise
 
 
-def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run:
+def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer, objective: Objective | None) -> Run:
     """Model config first (stored, pretrained or asked for), then data, optimizer and the state to start from."""
     cfg = run_config.train_config
     latest = checkpointer.latest_step()
@@ -114,6 +119,11 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
         else:
             params = codec.init(cfg.seed, shardings.params)
         state = jax.jit(lambda p: init_train_state(p, tx, cfg.seed), out_shardings=shardings)(params)
+    reference = None
+    if objective is not None:  # the starting weights, also on resume: one frozen copy for the whole run
+        reference = jax.device_put(
+            pretrained if pretrained is not None else _pretrained(run_config)[1], shardings.params
+        )
     if distributed.is_main_process():
         write_run_file(cfg.out_dir, model_config, cfg.to_dict())  # as resolved: the next resume reads it
 
@@ -124,12 +134,14 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
         mesh=mesh,
         codec=codec,
         state=state,
-        step_fn=jit_train_step(make_train_step(codec, tx, schedule), shardings, mesh),
+        step_fn=jit_train_step(make_train_step(codec, tx, schedule, objective), shardings, mesh, reference),
         data=data,
         data_iter=data_iter,
         checkpointer=checkpointer,
         flops_per_token=metrics.flops_per_token(model_config, non_embedding_params(abstract_model)),
         resumed_from=latest,
+        objective=objective,
+        reference=reference,
     )
 
 
@@ -200,6 +212,15 @@ def evaluate(run: Run) -> float:
     cfg, model = run.config, current_model(run)
     result = evaluate_loss(model, cfg.data_dir, batch_size=cfg.batch_size, max_batches=cfg.eval_iters, mesh=run.mesh)
     return result["val_loss"]
+
+
+def validation(run: Run) -> dict[str, float]:
+    """What an evaluation logs: ``val_loss``, or an objective's own metrics on the val split (DPO: its loss and
+    rewards on the first ``eval_iters`` batches of val pairs)."""
+    if run.objective is None:
+        return {"val_loss": evaluate(run)}
+    cfg, args = run.config, (run.codec, run.state.params, run.reference, run.config.data_dir)
+    return run.objective.evaluate(*args, batch_size=cfg.batch_size, max_batches=cfg.eval_iters, mesh=run.mesh)
 
 
 def sample_text(run: Run, num_tokens: int, seed: int) -> str:
@@ -274,7 +295,7 @@ def due(step: int, interval: int, last: bool) -> bool:
     return last or (interval > 0 and step % interval == 0)
 
 
-def train(run_config: RunConfig) -> dict[str, Any]:
+def train(run_config: RunConfig, objective: Objective | None = None) -> dict[str, Any]:
     """Runs (or resumes) training to ``max_steps``; returns the last logged record.
 
     The run directory is locked for the whole run (on process 0), so two runs never share one.
@@ -282,11 +303,11 @@ def train(run_config: RunConfig) -> dict[str, Any]:
     distributed.initialize(run_config.launch_config)  # before anything touches a device
     out_dir = run_config.train_config.out_dir
     with RunLock(out_dir) if distributed.is_main_process() else contextlib.nullcontext():
-        return _train(run_config)
+        return _train(run_config, objective)
 
 
-def _train(run_config: RunConfig) -> dict[str, Any]:
-    run = setup(run_config)
+def _train(run_config: RunConfig, objective: Objective | None) -> dict[str, Any]:
+    run = setup(run_config, objective=objective)
     cfg = run.config
     is_main = distributed.is_main_process()
     writer = MetricsWriter(cfg.out_dir, enabled=is_main)
@@ -314,7 +335,7 @@ def _train(run_config: RunConfig) -> dict[str, Any]:
 
     # (every N steps, also at the last step?, action returning what it adds to the step's record)
     actions: list[tuple[int, bool, Callable[[int], dict[str, Any]]]] = [
-        (cfg.eval_interval, True, lambda step: {"val_loss": evaluate(run)}),
+        (cfg.eval_interval, True, lambda step: validation(run)),
         (cfg.sample_interval or cfg.eval_interval, not cfg.sample_interval, print_sample),  # 0: at each evaluation
     ]
     if cfg.hellaswag_interval:

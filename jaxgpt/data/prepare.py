@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from jaxgpt import cli
 from jaxgpt.chat_template import TEMPLATE
-from jaxgpt.data import chat_source, shards, sources
+from jaxgpt.data import chat_source, preference, shards, sources
 from jaxgpt.data.meta import META, shard_record, write_meta
 from jaxgpt.data.sources import Piece
 from jaxgpt.errors import UserError
@@ -53,8 +53,10 @@ class PrepareConfig:
     dataset: Literal["shakespeare", "openwebtext", "fineweb", "fineweb-edu", "alpaca", "dolly"] | None = option(
         None, "a named dataset to download instead of --input (fineweb*: the sample-10BT subsets; alpaca, dolly: chat)"
     )
-    format: Literal["text", "chat"] | None = option(
-        None, "chat: JSON lines of conversations, written with loss masks (None: chat for alpaca/dolly, else text)"
+    format: Literal["text", "chat", "preference"] | None = option(
+        None,
+        "chat: JSON lines of conversations, written with loss masks; preference: TRL's prompt/chosen/rejected lines "
+        "for DPO (None: chat for alpaca/dolly, else text)",
     )
     block_size: int = option(1024, "chat: the most tokens a conversation may have (training's --block_size)")
     truncate: bool = option(False, "chat: cut longer conversations to --block_size tokens instead of rejecting them")
@@ -83,10 +85,14 @@ class PrepareConfig:
         if self.format == "chat" and self.dataset is not None and self.dataset not in chat_source.HUB_CHAT_DATASETS:
             chat_sets = ", ".join(chat_source.HUB_CHAT_DATASETS)
             raise UserError(f"--dataset {self.dataset} is text, not chat; the chat datasets are {chat_sets}")
+        if self.format == "preference" and self.input is None:
+            raise UserError("--format preference reads --input (JSON lines with prompt, chosen, rejected)")
 
     @property
     def is_chat(self) -> bool:
-        return self.format == "chat" or (self.format is None and self.dataset in chat_source.HUB_CHAT_DATASETS)
+        return self.format in ("chat", "preference") or (
+            self.format is None and self.dataset in chat_source.HUB_CHAT_DATASETS
+        )
 
     @property
     def dataset_name(self) -> str:
@@ -268,8 +274,14 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     longest = 0  # chat: tokens of the longest conversation (what --block_size must hold)
     try:
         if config.is_chat:
-            found, source = chat_source.conversations(config.input, config.dataset, config.val_fraction, bad)
-            encode = functools.partial(chat_source.encode_batch, block_size=config.block_size, truncate=config.truncate)
+            source_module = preference if config.format == "preference" else chat_source
+            if source_module is preference:
+                found, source = preference.pairs(config.input, config.val_fraction, bad)  # type: ignore[arg-type]
+            else:
+                found, source = chat_source.conversations(config.input, config.dataset, config.val_fraction, bad)
+            encode = functools.partial(
+                source_module.encode_batch, block_size=config.block_size, truncate=config.truncate
+            )
             examples = chat_source.accepted(bounded_imap(encode, chat_source.batches(found), num_proc), bad)
             eot = "starts each conversation and ends each assistant turn (jaxgpt.chat)"
         else:
@@ -303,7 +315,9 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         "shards": [record for writer in writers.values() for record in writer.records],
     }
     if config.is_chat:
-        meta.update(format="chat", template=TEMPLATE, block_size=config.block_size, truncate=config.truncate)
+        meta.update(
+            format=config.format or "chat", template=TEMPLATE, block_size=config.block_size, truncate=config.truncate
+        )
         meta.update(longest_conversation=longest, skipped_bad_lines=bad.count, first_skipped=bad.first)
         for split, count in conversations.items():
             meta["splits"][split]["conversations"] = count
