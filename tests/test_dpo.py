@@ -27,8 +27,9 @@ from tests.train_utils import logged_losses, run_train_cli
 
 BLOCK = 64
 SYSTEM_PAIR = {"system": "Be brief.", "prompt": "Capital of Zorbia?", "chosen": "Quellburg.", "rejected": "Zorb."}
+HISTORY = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
 MESSAGE_PAIR = {
-    "prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Colour?"}],
+    "prompt": [*HISTORY, {"role": "user", "content": "Colour?"}],
     "chosen": [{"role": "assistant", "content": "Teal, friend."}],
     "rejected": [{"role": "assistant", "content": "No."}],
 }  # fmt: skip
@@ -74,7 +75,9 @@ def trl_ids(pair: dict) -> dict[str, list[int]]:
     full = {
         name: render(prompt + reply).tokens.tolist() for name, reply in (("chosen", chosen), ("rejected", rejected))
     }
-    shared = min(next(i for i, (a, b) in enumerate(zip(prompt_ids + [-1], ids)) if a != b) for ids in full.values())
+    shared = min(
+        next(i for i, (a, b) in enumerate(zip([*prompt_ids, -1], ids, strict=False)) if a != b) for ids in full.values()
+    )
     return {"prompt_ids": prompt_ids[:shared], **{f"{k}_ids": ids[shared:] for k, ids in full.items()}}
 
 
@@ -100,7 +103,7 @@ def test_bad_lines_are_named_or_skipped(tmp_path: Path) -> None:
     bad = [
         "not json",
         {"prompt": "Hi", "chosen": "Hello."},
-        {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "user", "content": "x"}], "rejected": [{"role": "assistant", "content": "y"}]},
+        {"prompt": HISTORY[:1], "chosen": [{"role": "user", "content": "x"}], "rejected": HISTORY[1:]},
         {"prompt": "Hi", "chosen": "", "rejected": "No."},
         {"prompt": "Hi " * 80, "chosen": "Yes.", "rejected": "No."},
     ]  # fmt: skip
