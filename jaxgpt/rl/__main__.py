@@ -58,6 +58,7 @@ class GRPOConfig:
     grad_accum: int = option(1, "micro-batches the step's completions are split into")
     max_new_tokens: int = option(64, "most tokens per completion (the prompt plus these must fit the context)")
     temperature: float = option(1.0, "sampling temperature of the rollouts")
+    top_k: int | None = option(None, "sample the rollouts from the k most likely tokens only (None: all, as TRL)")
     max_steps: int = option(200, "GRPO steps")
     lr: float = option(1e-6, "peak learning rate (TRL's default; small models here take more)")
     min_lr: float = option(0.0, "learning rate at the end of the cosine decay")
@@ -171,7 +172,8 @@ def _loop(cfg, train_cfg, mesh, codec, host, tx, schedule, shardings, checkpoint
         model = codec.to_model(state.params)
         key = jax.random.fold_in(jax.random.key(cfg.seed), step)
         prompts = step_prompts(records, cfg, step)
-        sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, key=key, mesh=mesh)
+        sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, key=key)
+        sampling["mesh"] = mesh
         samples = rollout(model, prompts, reward, group_size=cfg.group_size, **sampling)
         batch = samples.batch(codec.config.block_size, cfg.grad_accum)
         sharding = accumulated_batch_sharding(mesh)

@@ -128,11 +128,12 @@ def rollout(
     max_new_tokens: int,
     temperature: float,
     key: jax.Array,
+    top_k: int | None = None,
     mesh=None,
 ) -> Rollout:
     """Samples ``group_size`` completions of every record and scores them."""
     prompts = [p for p in prompt_tokens(records) for _ in range(group_size)]
-    completions = generate(model, prompts, max_new_tokens, temperature=temperature, key=key, mesh=mesh)
+    completions = generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, key=key, mesh=mesh)
     scores = [float(reward(records[i // group_size], completion_text(c))) for i, c in enumerate(completions)]
     rewards = np.asarray(scores, np.float32).reshape(len(records), group_size)
     return Rollout(prompts, completions, rewards, group_advantages(rewards))
