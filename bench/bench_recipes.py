@@ -21,8 +21,8 @@ from pathlib import Path
 
 import jax
 
-from jaxgpt.train_config import RUN_PRESETS, parse_run_config
-from jaxgpt.trainer import evaluate, next_batch, setup
+from jaxgpt.train.config import RUN_PRESETS, parse_run_config
+from jaxgpt.train.loop import evaluate, next_batch, setup
 
 BASELINE, MODERN = "shakespeare", "shakespeare-modern"
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgpt.config import GPTConfig
 from jaxgpt.eval.scoring import RowScorer
-from jaxgpt.fused_loss import _logsumexp, fused_cross_entropy, fused_token_log_probs
-from jaxgpt.losses import cross_entropy, model_loss, resolve_loss, token_log_probs
-from jaxgpt.model import GPT
+from jaxgpt.model.config import GPTConfig
+from jaxgpt.model.fused_loss import _logsumexp, fused_cross_entropy, fused_token_log_probs
+from jaxgpt.model.gpt import GPT
+from jaxgpt.model.losses import cross_entropy, model_loss, resolve_loss, token_log_probs
 
 VOCAB, PADDED, C = 100, 128, 32
 

@@ -6,9 +6,9 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxgpt.fused_loss import fused_cross_entropy
-from jaxgpt.head_kernel import logits_and_logsumexp, supported
-from jaxgpt.sharding import make_mesh
+from jaxgpt.core.sharding import make_mesh
+from jaxgpt.model.fused_loss import fused_cross_entropy
+from jaxgpt.model.kernels.head_kernel import logits_and_logsumexp, supported
 
 
 def test_logits_and_logsumexp_equal_the_xla_path():

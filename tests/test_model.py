@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgpt.config import GPTConfig, preset
-from jaxgpt.errors import UserError
-from jaxgpt.losses import cross_entropy
-from jaxgpt.model import GPT, count_params, explicit_attention, gelu_new, resolve_attention
+from jaxgpt.core.errors import UserError
+from jaxgpt.model.config import GPTConfig, preset
+from jaxgpt.model.gpt import GPT, count_params, explicit_attention, gelu_new, resolve_attention
+from jaxgpt.model.losses import cross_entropy
 
 TINY = GPTConfig(vocab_size=100, block_size=32, n_layer=2, n_head=4, n_embd=32)
 

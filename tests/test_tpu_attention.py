@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxgpt import plan
-from jaxgpt.config import GPTConfig
-from jaxgpt.model import resolve_attention
-from jaxgpt.sharding import DATA, MODEL, make_mesh, on_mesh
-from jaxgpt.targets import compiling_for, get_target, target_devices
-from jaxgpt.tpu_attention import splash_attention
-from jaxgpt.train_config import parse_run_config
+from jaxgpt.core.platform import compiling_for
+from jaxgpt.core.sharding import DATA, MODEL, make_mesh, on_mesh
+from jaxgpt.model.config import GPTConfig
+from jaxgpt.model.gpt import resolve_attention
+from jaxgpt.model.kernels.tpu_attention import splash_attention
+from jaxgpt.plan import report as plan
+from jaxgpt.plan.hardware import get_target, target_devices
+from jaxgpt.train.config import parse_run_config
 
 
 def _loss_and_grads(attention):

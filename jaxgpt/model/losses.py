@@ -1,0 +1,89 @@
+"""Next-token cross-entropy, shared by training, validation and evaluation.
+
+``model_loss`` and ``model_log_probs`` run a model's output head and the loss either plainly
+(float32 logits [B, T, vocab], then the loss) or fused (``jaxgpt.fused_loss``: tile by tile, no
+[B, T, vocab] tensor), as ``GPTConfig.loss`` says; both give the same numbers.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+from jaxgpt.core.platform import compile_platform
+from jaxgpt.core.sharding import context_data_shards
+from jaxgpt.model.fused_loss import CHUNK_TOKENS, fused_cross_entropy, fused_token_log_probs, fused_weighted_nll
+from jaxgpt.model.gpt import GPT
+
+
+def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log p(target) at every position, float32 [B, T]; padded-vocabulary logits are already masked."""
+    assert logits.shape[:-1] == targets.shape, (logits.shape, targets.shape)
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """Mean negative log-likelihood over the positions (weighted: padding gets weight 0)."""
+    nll = -token_log_probs(logits, targets)
+    if weights is None:
+        return nll.mean()
+    weights = weights.astype(jnp.float32)
+    return (nll * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def resolve_loss(model: GPT) -> str:
+    """``fused``, ``fused_pallas`` or ``plain``; auto is plain on the CPU, where the plain path measured faster
+    (docs/benchmarks.md), and with a logit soft-cap, which the fused loss does not apply. The Pallas head
+    kernel is compiled for GPUs only (elsewhere it would run in Pallas' slow interpreter)."""
+    if model.config.loss == "auto":
+        return "plain" if compile_platform() == "cpu" or model.config.logit_softcap else "fused"
+    if model.config.loss == "fused_pallas" and compile_platform() != "gpu":
+        warnings.warn(f"loss='fused_pallas' needs a GPU (backend {compile_platform()}); using 'fused'", stacklevel=2)
+        return "fused"
+    return model.config.loss
+
+
+def head_weights(model: GPT) -> jax.Array:
+    """The output head as [padded_vocab, n_embd]: the token embedding, or the untied head's kernel transposed."""
+    return model.wte.embedding[...] if model.lm_head is None else model.lm_head.kernel[...].T
+
+
+def model_log_probs(model: GPT, inputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """log p(target) float32 [B, T] under ``model`` reading ``inputs`` (no dropout)."""
+    loss = resolve_loss(model)
+    if loss == "plain":
+        return token_log_probs(model(inputs), targets)
+    features = model.features(inputs)
+    return fused_token_log_probs(features, head_weights(model), targets, model.config.vocab_size, **_tiling(loss))
+
+
+def model_loss(model: GPT, inputs: jax.Array, targets: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+    """Mean next-token cross-entropy of ``model`` on a batch: the training loss."""
+    loss = resolve_loss(model)
+    if loss == "plain":
+        return cross_entropy(model(inputs, dropout_key=dropout_key), targets)
+    features = model.features(inputs, dropout_key=dropout_key)
+    return fused_cross_entropy(features, head_weights(model), targets, model.config.vocab_size, **_tiling(loss))
+
+
+def model_weighted_nll(
+    model: GPT, inputs: jax.Array, targets: jax.Array, weights: jax.Array, dropout_key: jax.Array | None = None
+) -> jax.Array:
+    """sum(weights * -log p(target)) of ``model`` on a batch: a masked (chat) loss before normalising."""
+    loss = resolve_loss(model)
+    if loss == "plain":
+        return -(token_log_probs(model(inputs, dropout_key=dropout_key), targets) * weights).sum()
+    features = model.features(inputs, dropout_key=dropout_key)
+    head = head_weights(model)
+    return fused_weighted_nll(features, head, targets, model.config.vocab_size, weights, **_tiling(loss))
+
+
+def _tiling(loss: str) -> dict:
+    """The fused loss's tiles: ``CHUNK_TOKENS`` on every device of the step's data axis (smaller tiles would
+    re-read and re-write the float32 embedding gradient, which every tile adds to, more often: on a v5e 2x2
+    slice 4096 global tokens cost 0.23 MB a token more), through the Pallas head kernel for ``fused_pallas``."""
+    return dict(chunk_tokens=CHUNK_TOKENS * context_data_shards(), kernel=loss == "fused_pallas")
