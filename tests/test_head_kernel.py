@@ -7,8 +7,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxgpt.core.sharding import make_mesh
-from jaxgpt.model.fused_loss import fused_cross_entropy
+from jaxgpt.model.fused_loss import fused_weighted_nll
 from jaxgpt.model.kernels.head_kernel import logits_and_logsumexp, supported
+from jaxgpt.model.losses import mean_weights
 
 
 def test_logits_and_logsumexp_equal_the_xla_path():
@@ -39,7 +40,8 @@ def test_fused_loss_with_the_kernel_equals_without():
     mesh = make_mesh(f"{len(devices)}x1", devices)
 
     def loss_and_grads(kernel):
-        loss = lambda h, e: fused_cross_entropy(h, e, targets, 200, chunk_tokens=128, kernel=kernel)
+        weights = mean_weights(targets.shape)
+        loss = lambda h, e: fused_weighted_nll(h, e, targets, 200, weights, chunk_tokens=128, kernel=kernel)
 
         def step(h, e):  # traced with the mesh as context, as jaxgpt.sharding.on_mesh does for the train step
             with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
