@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from jaxgpt.checkpoints.checkpointer import Checkpointer
 from jaxgpt.checkpoints.loading import load_model
 from jaxgpt.checkpoints.run_dir import MetricsWriter, RunLock, make_run_dir, read_run_file, write_run_file
-from jaxgpt.checkpoints.state import TrainState, init_train_state
+from jaxgpt.checkpoints.state import TrainState
 from jaxgpt.core import distributed
 from jaxgpt.core.errors import UserError
 from jaxgpt.core.sharding import accumulated_batch_sharding, check_batch_divisible, make_mesh
@@ -39,9 +39,8 @@ from jaxgpt.sampling.generate import generate
 from jaxgpt.tokenizer.encoding import EOT_ID, get_tokenizer
 from jaxgpt.train import metrics
 from jaxgpt.train.config import SHAPE_FIELDS, RunConfig, TrainConfig
-from jaxgpt.train.optim import optimizer_from_config
 from jaxgpt.train.profiling import StepProfiler, parse_profile_steps
-from jaxgpt.train.step import jit_train_step, make_train_step, train_state_shardings
+from jaxgpt.train.step import TrainStep, build_step
 from jaxgpt.train.tracking import open_trackers
 
 
@@ -58,7 +57,7 @@ class Run:
     mesh: Mesh
     codec: ParamCodec
     state: TrainState
-    step_fn: Callable
+    step: TrainStep
     data: DataConfig
     data_iter: Any
     checkpointer: Checkpointer
@@ -96,13 +95,12 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
     data = DataConfig(cfg.data_dir, model_config.block_size, cfg.batch_size, cfg.seed, cfg.data_workers)
     if cfg.epochs is not None:
         cfg = cfg.for_examples(len(open_examples(cfg.data_dir, "train", model_config.block_size)))
-    codec = ParamCodec(model_config)
-    schedule, tx = optimizer_from_config(cfg)
-    shardings = train_state_shardings(codec, tx, mesh, cfg.fsdp)
+    step = build_step(model_config, cfg, mesh)
+    codec, shardings = step.codec, step.shardings
     if latest is not None:  # restore into shapes only: nothing is initialised just to be overwritten
-        abstract = jax.eval_shape(lambda p: init_train_state(p, tx, cfg.seed), codec.abstract)
+        abstract = step.abstract_state(cfg.seed)
         found = checkpointer.newest_intact(
-            lambda step: checkpointer.restore(step, abstract, shardings), quarantine=jax.process_index() == 0
+            lambda s: checkpointer.restore(s, abstract, shardings), quarantine=jax.process_index() == 0
         )
         if found is None:
             raise UserError(f"no intact checkpoint left in {checkpointer.directory}; start again in a new --out_dir")
@@ -114,7 +112,7 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
             params = jax.device_put(pretrained, shardings.params)
         else:
             params = codec.init(cfg.seed, shardings.params)
-        state = jax.jit(lambda p: init_train_state(p, tx, cfg.seed), out_shardings=shardings)(params)
+        state = step.init_state(params, cfg.seed)
     if distributed.is_main_process():
         write_run_file(cfg.out_dir, model_config, cfg.to_dict())  # as resolved: the next resume reads it
 
@@ -125,7 +123,7 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
         mesh=mesh,
         codec=codec,
         state=state,
-        step_fn=jit_train_step(make_train_step(codec, tx, schedule), shardings, mesh),
+        step=step,
         data=data,
         data_iter=data_iter,
         checkpointer=checkpointer,
@@ -329,7 +327,7 @@ def _train(run_config: RunConfig) -> dict[str, Any]:
     try:
         for step in range(start, cfg.max_steps):
             with profiler.step(step):
-                run.state, step_metrics = run.step_fn(run.state, next_batch(run))
+                run.state, step_metrics = run.step.fn(run.state, next_batch(run))
             profiler.step_done(step, run.state)
             run.checkpointer.check_save()  # a failed background save stops the run at once
             done, last = step + 1, step + 1 == cfg.max_steps
