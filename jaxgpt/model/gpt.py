@@ -5,7 +5,7 @@ pre-LayerNorm blocks (eps 1e-5), causal multi-head self-attention, a 4x MLP with
 tanh-approximate GELU, a final LayerNorm and an output head tied to the token
 embedding. Submodule names follow Hugging Face's (``h.0.attn.c_attn``...), so the
 converter is a rename. Every parameter carries logical axis names
-(``vocab``, ``embed``, ``heads``, ``mlp``) as metadata; ``jaxgpt.sharding`` maps
+(``vocab``, ``embed``, ``heads``, ``mlp``) as metadata; ``jaxgpt.core.sharding`` maps
 them to mesh axes, so the model never mentions a device.
 
 That is the default. ``GPTConfig``'s architecture options give modded-nanogpt's
@@ -15,7 +15,7 @@ projections and a logit soft-cap.
 
 Dropout is functional: pass ``dropout_key`` to train with dropout; without one
 the model is deterministic (inference). Generation with a KV cache lives in
-``jaxgpt.decoding``, which reuses these modules' pieces (``qkv`` applies QK-norm
+``jaxgpt.model.decoding``, which reuses these modules' pieces (``qkv`` applies QK-norm
 and rotary for both paths).
 """
 

@@ -1,7 +1,7 @@
 """Next-token cross-entropy, shared by training, validation and evaluation.
 
 ``model_loss`` and ``model_log_probs`` run a model's output head and the loss either plainly
-(float32 logits [B, T, vocab], then the loss) or fused (``jaxgpt.fused_loss``: tile by tile, no
+(float32 logits [B, T, vocab], then the loss) or fused (``jaxgpt.model.fused_loss``: tile by tile, no
 [B, T, vocab] tensor), as ``GPTConfig.loss`` says; both give the same numbers.
 """
 

@@ -28,18 +28,16 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from jaxgpt.core.cli import ArgumentParser, add_dataclass_arguments, build
 from jaxgpt.core.errors import UserError
 from jaxgpt.core.options import option
 from jaxgpt.core.sharding import DATA, accumulated_batch_sharding, check_batch_divisible, make_mesh
-from jaxgpt.model.gpt import GPT, non_embedding_params, resolve_attention
+from jaxgpt.model.gpt import resolve_attention
 from jaxgpt.plan.hardware import Target, get_target, target_devices
 from jaxgpt.plan.hlo_cost import program_cost
 from jaxgpt.train.config import RunConfig, parse_run_config
-from jaxgpt.train.metrics import flops_per_token
-from jaxgpt.train.step import build_step
+from jaxgpt.train.step import TrainStep, build_step
 
 GiB = 2**30
 
@@ -97,7 +95,7 @@ class Plan:
     max_batch_size: int | None = None
 
 
-def compile_step(run_config: RunConfig, target: Target, devices: list) -> jax.stages.Compiled:
+def compile_step(run_config: RunConfig, target: Target, devices: list) -> tuple[TrainStep, jax.stages.Compiled]:
     """The trainer's own step (``train.step.build_step``: same optimizer, shardings, donation, kernels)
     for ``target``, lowered on shapes only."""
     cfg, model = run_config.train_config, run_config.model_config
@@ -109,13 +107,13 @@ def compile_step(run_config: RunConfig, target: Target, devices: list) -> jax.st
     tokens = jax.ShapeDtypeStruct(
         (cfg.grad_accum, cfg.batch_size, model.block_size), jnp.int32, sharding=accumulated_batch_sharding(mesh)
     )
-    return step.fn.lower(state, {"inputs": tokens, "targets": tokens}).compile()
+    return step, step.fn.lower(state, {"inputs": tokens, "targets": tokens}).compile()
 
 
 def make_plan(run_config: RunConfig, target: Target, devices: list, dump_hlo: str | None = None) -> Plan:
     cfg, model = run_config.train_config, run_config.model_config
     try:
-        compiled = compile_step(run_config, target, devices)
+        step, compiled = compile_step(run_config, target, devices)
     except jax.errors.JaxRuntimeError as err:
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise
@@ -125,7 +123,6 @@ def make_plan(run_config: RunConfig, target: Target, devices: list, dump_hlo: st
             "(--find_max_batch searches for the largest that fits)"
         ) from err
     attention = resolve_attention(model, target.platform)
-    n_params = non_embedding_params(nnx.eval_shape(lambda: GPT(model, nnx.Rngs(0))))
     memory = compiled.memory_analysis()
     module = compiled.runtime_executable().hlo_modules()[0]
     if dump_hlo:
@@ -136,7 +133,7 @@ def make_plan(run_config: RunConfig, target: Target, devices: list, dump_hlo: st
     tokens = cfg.tokens_per_step(model.block_size)
     total = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
     total += memory.temp_size_in_bytes
-    model_flops = flops_per_token(model, n_params)
+    model_flops = step.flops_per_token
     step_s = tokens_per_s = mfu = None
     if target.peak_flops and target.hbm_bytes_per_s:
         # XLA gives a kernel (cuDNN's or splash attention) 0 FLOPs: the model's count is the floor.

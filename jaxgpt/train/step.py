@@ -22,8 +22,10 @@ from jaxgpt.checkpoints.state import TrainState, init_train_state
 from jaxgpt.core.platform import Runtime, local_runtime
 from jaxgpt.core.sharding import accumulated_batch_sharding, gather_weights, replicated
 from jaxgpt.model.config import GPTConfig
+from jaxgpt.model.gpt import non_embedding_params
 from jaxgpt.model.losses import model_loss, model_weighted_nll
 from jaxgpt.model.params import ParamCodec, Params
+from jaxgpt.train import metrics
 from jaxgpt.train.config import TrainConfig
 from jaxgpt.train.optim import optimizer_from_config
 
@@ -143,6 +145,12 @@ class TrainStep:
     shardings: TrainState
     runtime: Runtime
     fn: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
+
+    @property
+    def flops_per_token(self) -> float:
+        """Model FLOPs per token (6N + attention, the MFU numerator)."""
+        model = self.codec.abstract_model()
+        return metrics.flops_per_token(self.codec.config, non_embedding_params(model))
 
     def abstract_state(self, seed: int) -> TrainState:
         """The state's shapes and dtypes (nothing allocated): what a restore or a compile plan targets."""
