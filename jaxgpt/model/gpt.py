@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -115,16 +116,10 @@ class GPT(nnx.Module):
         self.ln_f = _norm(config, c, ("embed",), config.norm, rngs)
         self.lm_head = None if config.tie_embeddings else _untied_head(config, rngs)
 
-    def __call__(
-        self,
-        tokens: Array,
-        *,
-        positions: Array | None = None,
-        dropout_key: Array | None = None,
-        runtime: Runtime | None = None,
-    ) -> Array:
-        """Float32 logits [B, T, padded_vocab] of the next token at every position (causal)."""
-        return self.logits(self.features(tokens, positions=positions, dropout_key=dropout_key, runtime=runtime))
+    def __call__(self, tokens: Array, **options: Any) -> Array:
+        """Float32 logits [B, T, padded_vocab] of the next token at every position (causal); ``options``
+        (positions, dropout_key, runtime) as :meth:`features` takes them."""
+        return self.logits(self.features(tokens, **options))
 
     def features(
         self,
