@@ -7,7 +7,8 @@ import json
 import numpy as np
 
 from jaxgpt.train.config import parse_run_config
-from jaxgpt.train.loop import setup, train
+from jaxgpt.train.loop import train
+from jaxgpt.train.setup import setup
 from tests.hf_fixtures import make_hf_gpt2
 from tests.train_utils import train_args, write_token_data
 

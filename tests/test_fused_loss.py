@@ -89,7 +89,7 @@ def _tiny_gpts(**options):
 @pytest.mark.parametrize("options", [{}, {"tie_embeddings": False}], ids=["tied", "untied"])
 def test_train_loss_and_grads_match_plain_path_through_the_model(options):
     plain, fused, tokens = _tiny_gpts(**options)
-    assert resolve_loss(plain) == "plain" and resolve_loss(fused) == "fused"
+    assert resolve_loss(plain.config, "cpu") == "plain" and resolve_loss(fused.config, "cpu") == "fused"
 
     def loss_and_grads(model):
         return nnx.value_and_grad(lambda m: model_loss(m, tokens[:, :-1], tokens[:, 1:]))(model)

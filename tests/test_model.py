@@ -109,9 +109,9 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits():
 def test_cudnn_request_falls_back_on_cpu_with_a_warning():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert resolve_attention(TINY.replace(attention="cudnn", dtype="bfloat16")) == "xla"
+        assert resolve_attention(TINY.replace(attention="cudnn", dtype="bfloat16"), "cpu") == "xla"
     assert any("falling back" in str(w.message) for w in caught)
-    assert resolve_attention(TINY.replace(attention="auto")) == "xla"
+    assert resolve_attention(TINY.replace(attention="auto"), "cpu") == "xla"
 
 
 def test_sequence_longer_than_context_is_refused():

@@ -24,7 +24,7 @@ from jaxgpt.model.config import GPTConfig
 from jaxgpt.model.decoding import decode as decode_chunk
 from jaxgpt.model.decoding import init_cache
 from jaxgpt.model.gpt import GPT
-from jaxgpt.sampling import sampling
+from jaxgpt.sampling import generate as sampling
 from jaxgpt.sampling.config import SampleConfig
 from jaxgpt.sampling.generate import generate, left_pad, process_logits, sample_token
 from jaxgpt.sampling.text import TextStream

@@ -20,8 +20,9 @@ from jaxgpt.model.config import GPTConfig
 from jaxgpt.model.losses import token_log_probs
 from jaxgpt.model.params import ParamCodec
 from jaxgpt.train.config import parse_run_config
-from jaxgpt.train.loop import next_batch, setup
+from jaxgpt.train.loop import next_batch
 from jaxgpt.train.optim import learning_rate_schedule, make_optimizer
+from jaxgpt.train.setup import setup
 from jaxgpt.train.step import make_train_step
 from tests.train_utils import logged_losses, run_train_cli
 
@@ -130,7 +131,7 @@ def test_meshes_and_accumulation_give_the_same_chat_losses(chat_dir: Path, tmp_p
         run.checkpointer.close()
         result = []
         for _ in range(3):
-            run.state, metrics = run.step_fn(run.state, next_batch(run))
+            run.state, metrics = run.step.fn(run.state, next_batch(run))
             result.append(float(metrics["loss"]))
         return result
 

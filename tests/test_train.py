@@ -14,8 +14,9 @@ from jaxgpt.data.pipeline import TokenStream, windows_to_batch
 from jaxgpt.model.config import GPTConfig
 from jaxgpt.model.params import ParamCodec
 from jaxgpt.train.config import parse_run_config
-from jaxgpt.train.loop import next_batch, setup
+from jaxgpt.train.loop import next_batch
 from jaxgpt.train.optim import learning_rate_schedule, make_optimizer
+from jaxgpt.train.setup import setup
 from jaxgpt.train.step import make_train_step
 from tests.train_utils import logged_losses, run_train_cli, train_args, write_token_data
 
@@ -33,7 +34,7 @@ def first_losses(data_dir, out_dir, *extra, steps=3):
     run = setup(config, devices)
     losses = []
     for _ in range(steps):
-        run.state, metrics = run.step_fn(run.state, next_batch(run))
+        run.state, metrics = run.step.fn(run.state, next_batch(run))
         losses.append(float(metrics["loss"]))
     run.checkpointer.close()
     return losses, run

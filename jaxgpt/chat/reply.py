@@ -1,4 +1,4 @@
-"""Chatting with a model: the template of :mod:`jaxgpt.chat_template` plus generating a reply.
+"""Chatting with a model: the template of :mod:`jaxgpt.chat.template` plus generating a reply.
 
 ``render(messages)`` gives a conversation's tokens and loss mask; ``generate_reply(model, messages)``
 the assistant's next message, streamed, within the model's context.

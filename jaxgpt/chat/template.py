@@ -18,7 +18,7 @@ GPT-2's pre-tokeniser splits before " word" and around newlines anyway).
 The loss mask is 1 on the assistant's content tokens and on the EOT that closes its turn, 0 on
 everything else (every assistant turn is trained, as TRL's ``assistant_only_loss``). A reply is
 generated from the history plus ``Assistant:`` and ends when the model emits EOT, which is where
-``jaxgpt.sampling.generate`` stops (``jaxgpt.chat.generate_reply``). This module needs no JAX, so
+``jaxgpt.sampling.generate`` stops (``jaxgpt.chat.reply.generate_reply``). This module needs no JAX, so
 data preparation can use it. Content that itself contains a line starting with ``User:``
 reads like a new turn: the template has no escaping (nor has any plain-text template).
 """

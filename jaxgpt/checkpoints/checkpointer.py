@@ -1,14 +1,14 @@
 """Orbax checkpoints that resume exactly: parameters, optimizer state, step, RNG and data position.
 
 A run's checkpoints live in ``out_dir/checkpoints/<step>/``, one Orbax step each with the items
-params, train, data and meta (the rest of ``out_dir`` is ``jaxgpt.run_dir``'s). Orbax writes
+params, train, data and meta (the rest of ``out_dir`` is ``jaxgpt.checkpoints.run_dir``'s). Orbax writes
 each step into a temporary directory and renames it when complete, so a process killed
 mid-save leaves no step that looks whole; ``latest_step`` only sees finished ones.
 Restores are checked against the config first (every parameter's shape), because
 Orbax would otherwise restore a differently sized model partially and silently, and
 they target explicit shardings so a large model lands sharded, never whole on one device.
 
-Every save stores a checksum of each array (``jaxgpt.fingerprint``) in its meta item, and every
+Every save stores a checksum of each array (``jaxgpt.checkpoints.fingerprint``) in its meta item, and every
 restore verifies them: a step whose bytes changed, or that Orbax cannot read, is reported by
 name and the newest intact step is used instead (a training run moves the bad one aside to
 ``out_dir/corrupt-checkpoints/``). A background save that fails stops the run at the next step

@@ -1,6 +1,6 @@
 """What a training run carries from step to step, and what a checkpoint stores.
 
-Kept apart from the step (``jaxgpt.train_step``) so that reading a checkpoint pulls in no optimizer code.
+Kept apart from the step (``jaxgpt.train.step``) so that reading a checkpoint pulls in no optimizer code.
 """
 
 from __future__ import annotations

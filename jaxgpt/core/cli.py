@@ -1,7 +1,7 @@
 """The one command-line layer: typed dataclasses in, argparse flags out.
 
 Every dataclass field becomes ``--name`` with its type, default and the one-line
-help kept in the field's metadata (see :func:`jaxgpt.options.option`). Entry points
+help kept in the field's metadata (see :func:`jaxgpt.core.options.option`). Entry points
 parse with :func:`parse` and run through :func:`run`, which turns a
 :class:`~jaxgpt.errors.UserError` (a mistyped flag included) into one line on stderr
 and exit code 2.

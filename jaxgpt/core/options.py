@@ -7,5 +7,6 @@ from typing import Any
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with its one-line help (``jaxgpt.cli`` turns it into ``--name``); ``cli=False`` hides it."""
+    """A dataclass field with its one-line help (``jaxgpt.core.cli`` turns it into ``--name``);
+    ``cli=False`` hides it."""
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -143,33 +142,16 @@ def kv_cache_sharding(mesh: Mesh, n_head: int) -> NamedSharding:
 
 
 def attention_spec(mesh: Mesh | jax.sharding.AbstractMesh, batch: int, n_head: int) -> PartitionSpec:
-    """Attention's q, k, v and output [B, T, H, D] inside ``shard_map`` (``jaxgpt.tpu_attention``): batch
+    """Attention's q, k, v and output [B, T, H, D] inside ``shard_map`` (``jaxgpt.model.kernels.tpu_attention``): batch
     over ``data``, heads over ``model`` like the attention weights, each only where the axis divides it."""
     data = DATA if batch % mesh.shape[DATA] == 0 else None
     heads = MODEL if n_head % mesh.shape[MODEL] == 0 else None
     return PartitionSpec(data, None, heads, None)
 
 
-def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
-    """``fn`` traced with ``mesh`` as JAX's context mesh, so a kernel inside it can ``shard_map`` over the
-    same devices (XLA cannot split a custom call itself)."""
-
-    def traced_on_mesh(*args: Any, **kwargs: Any) -> Any:
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return fn(*args, **kwargs)
-
-    return traced_on_mesh
-
-
 def gather_weights(params: dict[str, jax.Array], compute_shardings: dict[str, NamedSharding]) -> dict[str, jax.Array]:
     """Parameters constrained to their shardings without FSDP (``compute_shardings``): a no-op without it."""
     return {name: jax.lax.with_sharding_constraint(p, compute_shardings[name]) for name, p in params.items()}
-
-
-def context_data_shards() -> int:
-    """How many ways the context mesh (``on_mesh``: the train step) splits a batch; 1 outside one."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty else mesh.shape[DATA]
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -11,7 +11,7 @@ the corpus size.
 
 Crash safety: the new dataset is built in a sibling folder, ``.DIR.partial/`` (shards,
 ``meta.json`` recording every shard, and hard links to any other files ``DIR`` held), which
-then replaces ``DIR`` in one rename (:mod:`jaxgpt.swap`). A run killed at any moment leaves
+then replaces ``DIR`` in one rename (:mod:`jaxgpt.core.swap`). A run killed at any moment leaves
 ``DIR`` as it was, old dataset intact, or wholly new; the next run clears the leftover folder.
 Training checks the shards against ``meta.json`` before it starts (:mod:`jaxgpt.data.meta`).
 """

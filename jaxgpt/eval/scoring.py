@@ -53,7 +53,7 @@ class RowScorer:
     """Scores token batches with one model; the batch is split over the mesh's ``data`` axis.
 
     The model is used where it already lives (the caller shards it, e.g. with
-    ``jaxgpt.sharding.shard_model``): evaluation must not move a training model's parameters.
+    ``jaxgpt.core.sharding.shard_model``): evaluation must not move a training model's parameters.
     """
 
     def __init__(self, model: GPT, mesh: Mesh | None = None):

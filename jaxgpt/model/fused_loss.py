@@ -19,6 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxgpt.core.platform import Runtime
 from jaxgpt.model.gpt import mask_logits
 from jaxgpt.model.kernels import head_kernel
 
@@ -62,12 +63,13 @@ def _logsumexp(logits: jax.Array) -> jax.Array:
 
 
 def _tile_logits_and_lse(
-    h: jax.Array, embedding: jax.Array, vocab_size: int, kernel: bool
+    h: jax.Array, embedding: jax.Array, vocab_size: int, kernel: Runtime | None
 ) -> tuple[jax.Array, jax.Array]:
     """float32 logits [B, t, Vp] (padded ids masked) and their log-sum-exp [B, t]: XLA's matmul and a
-    one-pass reduction, or with ``kernel`` the Pallas head kernel where the tile fits it (one read fewer)."""
-    if kernel and head_kernel.fits(h.shape, embedding.shape[0]):
-        logits, lse = head_kernel.head_logits(h, embedding, vocab_size)
+    one-pass reduction, or with ``kernel`` (the runtime it runs in) the Pallas head kernel where the tile
+    fits it (one read fewer)."""
+    if kernel is not None and head_kernel.fits(h.shape, embedding.shape[0], kernel):
+        logits, lse = head_kernel.head_logits(h, embedding, vocab_size, kernel)
         return logits.astype(jnp.float32), lse
     logits = _tile_logits(h, embedding, vocab_size)
     return logits, _logsumexp(logits)
@@ -98,7 +100,7 @@ def fused_token_log_probs(
     targets: jax.Array,
     vocab_size: int,
     chunk_tokens: int = CHUNK_TOKENS,
-    kernel: bool = False,
+    kernel: Runtime | None = None,
 ) -> jax.Array:
     """log p(target) float32 [B, T] from final hidden states [B, T, C] and the tied embedding [Vp, C]."""
     assert h.shape[:2] == targets.shape and h.shape[-1] == embedding.shape[-1], (h.shape, targets.shape)
@@ -172,15 +174,15 @@ def fused_weighted_nll(
     vocab_size: int,
     weights: jax.Array,
     chunk_tokens: int = CHUNK_TOKENS,
-    kernel: bool = False,
+    kernel: Runtime | None = None,
     axis: int | tuple[int, ...] | None = None,
 ) -> jax.Array:
     """sum(weights * -log p(target)) over ``axis`` of the head ``embedding`` [Vp, C] on ``h`` [B, T, C], as
     ``losses.weighted_nll`` of the materialised logits; no gradient flows to ``weights``.
 
     The scalar (``axis=None``, the training loss) gets the one-pass gradient of the module doc; other sums
-    (``-1``: per row, ``()``: per token) are for scoring. ``kernel``: logits and log-sum-exp from
-    ``jaxgpt.model.kernels.head_kernel`` where a tile fits it.
+    (``-1``: per row, ``()``: per token) are for scoring. ``kernel`` (a runtime): logits and log-sum-exp
+    from ``jaxgpt.model.kernels.head_kernel`` where a tile fits it.
     """
     assert h.shape[:2] == targets.shape == weights.shape, (h.shape, targets.shape, weights.shape)
     assert h.shape[-1] == embedding.shape[-1], (h.shape, embedding.shape)

@@ -5,7 +5,7 @@ pre-LayerNorm blocks (eps 1e-5), causal multi-head self-attention, a 4x MLP with
 tanh-approximate GELU, a final LayerNorm and an output head tied to the token
 embedding. Submodule names follow Hugging Face's (``h.0.attn.c_attn``...), so the
 converter is a rename. Every parameter carries logical axis names
-(``vocab``, ``embed``, ``heads``, ``mlp``) as metadata; ``jaxgpt.sharding`` maps
+(``vocab``, ``embed``, ``heads``, ``mlp``) as metadata; ``jaxgpt.core.sharding`` maps
 them to mesh axes, so the model never mentions a device.
 
 That is the default. ``GPTConfig``'s architecture options give modded-nanogpt's
@@ -15,7 +15,7 @@ projections and a logit soft-cap.
 
 Dropout is functional: pass ``dropout_key`` to train with dropout; without one
 the model is deterministic (inference). Generation with a KV cache lives in
-``jaxgpt.decoding``, which reuses these modules' pieces (``qkv`` applies QK-norm
+``jaxgpt.model.decoding``, which reuses these modules' pieces (``qkv`` applies QK-norm
 and rotary for both paths).
 """
 
@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgpt.core.platform import compile_platform
+from jaxgpt.core.platform import Runtime, local_runtime
 from jaxgpt.model.config import GPTConfig
 from jaxgpt.model.kernels.tpu_attention import splash_attention, splash_block
 
@@ -48,7 +49,7 @@ class CausalSelfAttention(nnx.Module):
         self.k_norm = _norm(config, d, (None,), "rmsnorm", rngs) if config.qk_norm else None
         self.rope_base = config.rope_base if config.position_embedding == "rotary" else None
         self.dropout = config.dropout
-        self.implementation = resolve_attention(config)
+        self.config = config
 
     def qkv(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
         """Queries, keys and values [B, T, H, D]; QK-normed and rotated to ``positions`` [B|1, T] if configured."""
@@ -59,15 +60,16 @@ class CausalSelfAttention(nnx.Module):
             q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
         return q, k, v
 
-    def __call__(self, x: Array, positions: Array, dropout_key: Array | None = None) -> Array:
+    def __call__(self, x: Array, positions: Array, dropout_key: Array | None, runtime: Runtime) -> Array:
         q, k, v = self.qkv(x, positions)
         attn_key, resid_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        implementation = resolve_attention(self.config, runtime.platform)
         if attn_key is not None and self.dropout > 0:  # the fused kernels have no dropout on the weights
             y = explicit_attention(q, k, v, self.dropout, attn_key)
-        elif self.implementation == "splash":
-            y = splash_attention(q, k, v)
+        elif implementation == "splash":
+            y = splash_attention(q, k, v, runtime)
         else:
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
         return _dropout(self.c_proj(y), self.dropout, resid_key)
 
 
@@ -92,9 +94,9 @@ class Block(nnx.Module):
         self.ln_2 = _norm(config, config.n_embd, ("embed",), config.norm, rngs)
         self.mlp = MLP(config, rngs)
 
-    def __call__(self, x: Array, positions: Array, dropout_key: Array | None = None) -> Array:
+    def __call__(self, x: Array, positions: Array, dropout_key: Array | None, runtime: Runtime) -> Array:
         attn_key, mlp_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-        x = x + self.attn(self.ln_1(x), positions, attn_key)
+        x = x + self.attn(self.ln_1(x), positions, attn_key, runtime)
         return x + self.mlp(self.ln_2(x), mlp_key)
 
 
@@ -114,12 +116,22 @@ class GPT(nnx.Module):
         self.ln_f = _norm(config, c, ("embed",), config.norm, rngs)
         self.lm_head = None if config.tie_embeddings else _untied_head(config, rngs)
 
-    def __call__(self, tokens: Array, *, positions: Array | None = None, dropout_key: Array | None = None) -> Array:
-        """Float32 logits [B, T, padded_vocab] of the next token at every position (causal)."""
-        return self.logits(self.features(tokens, positions=positions, dropout_key=dropout_key))
+    def __call__(self, tokens: Array, **options: Any) -> Array:
+        """Float32 logits [B, T, padded_vocab] of the next token at every position (causal); ``options``
+        (positions, dropout_key, runtime) as :meth:`features` takes them."""
+        return self.logits(self.features(tokens, **options))
 
-    def features(self, tokens: Array, *, positions: Array | None = None, dropout_key: Array | None = None) -> Array:
-        """The final hidden states [B, T, n_embd] (after ln_f) that the output head reads."""
+    def features(
+        self,
+        tokens: Array,
+        *,
+        positions: Array | None = None,
+        dropout_key: Array | None = None,
+        runtime: Runtime | None = None,
+    ) -> Array:
+        """The final hidden states [B, T, n_embd] (after ln_f) that the output head reads; ``runtime``
+        (default: this machine, one device) picks the attention kernel."""
+        runtime = runtime or local_runtime()
         t = tokens.shape[1]
         assert t <= self.config.block_size, f"sequence length {t} > block_size {self.config.block_size}"
         if positions is None:
@@ -130,9 +142,9 @@ class GPT(nnx.Module):
         x = _dropout(self.embed(tokens, positions), self.config.dropout, keys[-1])
         for block, key in zip(self.h, keys, strict=False):
             if self.config.remat:
-                x = nnx.remat(lambda blk, x, p, k: blk(x, p, k))(block, x, positions, key)
+                x = nnx.remat(lambda blk, x, p, k: blk(x, p, k, runtime))(block, x, positions, key)
             else:
-                x = block(x, positions, key)
+                x = block(x, positions, key, runtime)
         return self.ln_f(x)
 
     def embed(self, tokens: Array, positions: Array) -> Array:
@@ -183,10 +195,10 @@ def rotary(x: Array, positions: Array, base: float) -> Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def resolve_attention(config: GPTConfig) -> str:
-    """The attention kernel to use: cuDNN flash attention needs a GPU and 16-bit compute; splash flash
-    attention (``jaxgpt.tpu_attention``) is picked on a TPU, for a multiple of 128 positions, without dropout."""
-    platform = compile_platform()
+def resolve_attention(config: GPTConfig, platform: str) -> str:
+    """The attention kernel to use on ``platform``: cuDNN flash attention needs a GPU and 16-bit compute;
+    splash flash attention (``kernels/tpu_attention.py``) is picked on a TPU, for a multiple of 128
+    positions, without dropout."""
     cudnn_ok = platform == "gpu" and config.dtype in ("bfloat16", "float16") and config.head_dim <= 128
     if config.attention == "cudnn" and not cudnn_ok:
         warnings.warn(

@@ -16,8 +16,8 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.core.platform import compile_platform
-from jaxgpt.core.sharding import context_data_shards
+from jaxgpt.core.platform import Runtime, local_runtime
+from jaxgpt.model.config import GPTConfig
 from jaxgpt.model.fused_loss import CHUNK_TOKENS, fused_weighted_nll
 from jaxgpt.model.gpt import GPT
 
@@ -52,16 +52,16 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | No
     return weighted_nll(logits, targets, mean_weights(targets.shape, weights))
 
 
-def resolve_loss(model: GPT) -> str:
+def resolve_loss(config: GPTConfig, platform: str) -> str:
     """``fused``, ``fused_pallas`` or ``plain``; auto is plain on the CPU, where the plain path measured faster
     (docs/benchmarks.md), and with a logit soft-cap, which the fused loss does not apply. The Pallas head
     kernel is compiled for GPUs only (elsewhere it would run in Pallas' slow interpreter)."""
-    if model.config.loss == "auto":
-        return "plain" if compile_platform() == "cpu" or model.config.logit_softcap else "fused"
-    if model.config.loss == "fused_pallas" and compile_platform() != "gpu":
-        warnings.warn(f"loss='fused_pallas' needs a GPU (backend {compile_platform()}); using 'fused'", stacklevel=2)
+    if config.loss == "auto":
+        return "plain" if platform == "cpu" or config.logit_softcap else "fused"
+    if config.loss == "fused_pallas" and platform != "gpu":
+        warnings.warn(f"loss='fused_pallas' needs a GPU (backend {platform}); using 'fused'", stacklevel=2)
         return "fused"
-    return model.config.loss
+    return config.loss
 
 
 def head_weights(model: GPT) -> jax.Array:
@@ -75,26 +75,37 @@ def model_weighted_nll(
     targets: jax.Array,
     weights: jax.Array,
     dropout_key: jax.Array | None = None,
+    runtime: Runtime | None = None,
     *,
     axis: int | tuple[int, ...] | None = None,
 ) -> jax.Array:
     """sum(weights * -log p(target)) over ``axis`` (``None``: the batch, ``-1``: per row, ``()``: per token) of
     ``model`` reading ``inputs``: the loss every other form (mean, masked, per-row scores) derives from."""
-    loss = resolve_loss(model)
+    runtime = runtime or local_runtime()
+    loss = resolve_loss(model.config, runtime.platform)
     if loss == "plain":
-        return weighted_nll(model(inputs, dropout_key=dropout_key), targets, weights, axis)
-    features = model.features(inputs, dropout_key=dropout_key)
-    head = head_weights(model)
-    return fused_weighted_nll(features, head, targets, model.config.vocab_size, weights, axis=axis, **_tiling(loss))
+        return weighted_nll(model(inputs, dropout_key=dropout_key, runtime=runtime), targets, weights, axis)
+    features = model.features(inputs, dropout_key=dropout_key, runtime=runtime)
+    tiling = _tiling(loss, runtime)
+    return fused_weighted_nll(
+        features, head_weights(model), targets, model.config.vocab_size, weights, axis=axis, **tiling
+    )
 
 
-def model_loss(model: GPT, inputs: jax.Array, targets: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+def model_loss(
+    model: GPT,
+    inputs: jax.Array,
+    targets: jax.Array,
+    dropout_key: jax.Array | None = None,
+    runtime: Runtime | None = None,
+) -> jax.Array:
     """Mean next-token cross-entropy of ``model`` on a batch: the training loss."""
-    return model_weighted_nll(model, inputs, targets, mean_weights(targets.shape), dropout_key)
+    return model_weighted_nll(model, inputs, targets, mean_weights(targets.shape), dropout_key, runtime)
 
 
-def _tiling(loss: str) -> dict:
+def _tiling(loss: str, runtime: Runtime) -> dict:
     """The fused loss's tiles: ``CHUNK_TOKENS`` on every device of the step's data axis (smaller tiles would
     re-read and re-write the float32 embedding gradient, which every tile adds to, more often: on a v5e 2x2
     slice 4096 global tokens cost 0.23 MB a token more), through the Pallas head kernel for ``fused_pallas``."""
-    return dict(chunk_tokens=CHUNK_TOKENS * context_data_shards(), kernel=loss == "fused_pallas")
+    kernel = runtime if loss == "fused_pallas" else None
+    return dict(chunk_tokens=CHUNK_TOKENS * runtime.data_shards, kernel=kernel)

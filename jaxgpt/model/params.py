@@ -55,6 +55,10 @@ class ParamCodec:
         assert set(params) == set(self.names), set(params) ^ set(self.names)
         return {name: jax.numpy.asarray(params[name], self.abstract[name].dtype) for name in self.names}
 
+    def abstract_model(self) -> GPT:
+        """The model of shapes only (``jax.ShapeDtypeStruct`` leaves): to count or inspect, not to run."""
+        return self.to_model(self.abstract)
+
     def to_model(self, params: Params) -> GPT:
         missing = set(self.names) - params.keys()
         assert not missing, f"missing parameters: {sorted(missing)[:5]}"

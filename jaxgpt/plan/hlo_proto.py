@@ -2,7 +2,7 @@
 
 jaxlib ships no Python classes for XLA's protos, and its ``HloModule`` binding can only be built from a
 serialized proto. Re-rooting the optimised module at a loop body lets XLA's own cost analysis price one
-iteration of that loop (see ``jaxgpt.hlo_cost``).
+iteration of that loop (see ``jaxgpt.plan.hlo_cost``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 python -m jaxgpt.plan --preset gpt2-124m-fineweb --target h100 --attention cudnn --grad_accum 1
 
 Takes every train.py flag plus ``--target``/``--num_devices``. Without the target's devices
-here, the step is compiled "deviceless" against a description of them (``jaxgpt.targets``;
+here, the step is compiled "deviceless" against a description of them (``jaxgpt.plan.hardware``;
 GPU targets need ``pip install -r requirements-plan.txt``, TPU slices
 ``requirements-plan-tpu.txt``). Prints, per device: parameter and optimizer bytes, temporaries,
 the total against the device's memory, whether XLA had to rematerialise, FLOPs and HBM bytes per
@@ -28,22 +28,16 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from jaxgpt.checkpoints.state import init_train_state
 from jaxgpt.core.cli import ArgumentParser, add_dataclass_arguments, build
 from jaxgpt.core.errors import UserError
 from jaxgpt.core.options import option
-from jaxgpt.core.platform import compiling_for
 from jaxgpt.core.sharding import DATA, accumulated_batch_sharding, check_batch_divisible, make_mesh
-from jaxgpt.model.gpt import GPT, non_embedding_params, resolve_attention
-from jaxgpt.model.params import ParamCodec
+from jaxgpt.model.gpt import resolve_attention
 from jaxgpt.plan.hardware import Target, get_target, target_devices
 from jaxgpt.plan.hlo_cost import program_cost
 from jaxgpt.train.config import RunConfig, parse_run_config
-from jaxgpt.train.metrics import flops_per_token
-from jaxgpt.train.optim import optimizer_from_config
-from jaxgpt.train.step import jit_train_step, make_train_step, train_state_shardings
+from jaxgpt.train.step import TrainStep, build_step
 
 GiB = 2**30
 
@@ -101,41 +95,34 @@ class Plan:
     max_batch_size: int | None = None
 
 
-def compile_step(run_config: RunConfig, target: Target, devices: list) -> jax.stages.Compiled:
-    """The train step of ``trainer.setup`` (same optimizer, shardings, donation), lowered on shapes only.
-
-    Call it inside ``compiling_for(target.platform)``: the model picks its attention kernel when built.
-    """
+def compile_step(run_config: RunConfig, target: Target, devices: list) -> tuple[TrainStep, jax.stages.Compiled]:
+    """The trainer's own step (``train.step.build_step``: same optimizer, shardings, donation, kernels)
+    for ``target``, lowered on shapes only."""
     cfg, model = run_config.train_config, run_config.model_config
     mesh = make_mesh(cfg.mesh, devices)
     check_batch_divisible(cfg.batch_size, mesh, "--batch_size")
-    codec = ParamCodec(model)
-    schedule, tx = optimizer_from_config(cfg)
-    shardings = train_state_shardings(codec, tx, mesh, cfg.fsdp)
-    step = jit_train_step(make_train_step(codec, tx, schedule), shardings, mesh)
-    abstract = jax.eval_shape(lambda p: init_train_state(p, tx, cfg.seed), codec.abstract)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    step = build_step(model, cfg, mesh, platform=target.platform)
+    abstract = step.abstract_state(cfg.seed)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, step.shardings)
     tokens = jax.ShapeDtypeStruct(
         (cfg.grad_accum, cfg.batch_size, model.block_size), jnp.int32, sharding=accumulated_batch_sharding(mesh)
     )
-    return step.lower(state, {"inputs": tokens, "targets": tokens}).compile()
+    return step, step.fn.lower(state, {"inputs": tokens, "targets": tokens}).compile()
 
 
 def make_plan(run_config: RunConfig, target: Target, devices: list, dump_hlo: str | None = None) -> Plan:
     cfg, model = run_config.train_config, run_config.model_config
-    with compiling_for(target.platform):
-        try:
-            compiled = compile_step(run_config, target, devices)
-        except jax.errors.JaxRuntimeError as err:
-            if "RESOURCE_EXHAUSTED" not in str(err):
-                raise
-            reason = str(err).split("RESOURCE_EXHAUSTED: ", 1)[-1].splitlines()[0].rstrip(".")
-            raise DoesNotFit(
-                f"micro-batch {cfg.batch_size} does not fit on {target.name}: {reason}; lower --batch_size "
-                "(--find_max_batch searches for the largest that fits)"
-            ) from err
-        attention = resolve_attention(model)
-        n_params = non_embedding_params(nnx.eval_shape(lambda: GPT(model, nnx.Rngs(0))))
+    try:
+        step, compiled = compile_step(run_config, target, devices)
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        reason = str(err).split("RESOURCE_EXHAUSTED: ", 1)[-1].splitlines()[0].rstrip(".")
+        raise DoesNotFit(
+            f"micro-batch {cfg.batch_size} does not fit on {target.name}: {reason}; lower --batch_size "
+            "(--find_max_batch searches for the largest that fits)"
+        ) from err
+    attention = resolve_attention(model, target.platform)
     memory = compiled.memory_analysis()
     module = compiled.runtime_executable().hlo_modules()[0]
     if dump_hlo:
@@ -146,7 +133,7 @@ def make_plan(run_config: RunConfig, target: Target, devices: list, dump_hlo: st
     tokens = cfg.tokens_per_step(model.block_size)
     total = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
     total += memory.temp_size_in_bytes
-    model_flops = flops_per_token(model, n_params)
+    model_flops = step.flops_per_token
     step_s = tokens_per_s = mfu = None
     if target.peak_flops and target.hbm_bytes_per_s:
         # XLA gives a kernel (cuDNN's or splash attention) 0 FLOPs: the model's count is the floor.

@@ -3,7 +3,7 @@
 Prompts of different lengths share a batch by LEFT-padding them to a bucketed length P, so every
 prompt ends at cache slot P-1 and all rows write their next token into the same slot. Each row's
 position ids count from its first real token, and ``key_mask`` hides the padding slots (see
-``jaxgpt.decoding.decode``). P is rounded up to a power of two and the cache length to a multiple of 64, so a
+``jaxgpt.model.decoding.decode``). P is rounded up to a power of two and the cache length to a multiple of 64, so a
 new prompt length recompiles only when it crosses a bucket, and decoding never does: the slot is
 a traced argument. The token loop runs in Python, so tokens can be streamed; each step is one
 jitted call that donates the cache (updated in place) and the host reads tokens one step behind
@@ -208,7 +208,7 @@ def generate(
     row once it returns True for the row's new tokens so far (checked whenever the host reads
     tokens, so a row may run a few tokens past the point: cut its text yourself). ``key`` (default
     ``jax.random.key(0)``) makes sampling reproducible. With a ``mesh`` (a model already placed by
-    ``jaxgpt.sharding.shard_model``) the batch is split over ``data``, padded with dummy rows to fit.
+    ``jaxgpt.core.sharding.shard_model``) the batch is split over ``data``, padded with dummy rows to fit.
     """
     rule = SamplingRule(temperature, top_k, top_p)
     rule = SamplingRule(0.0) if temperature == 0 else rule  # greedy ignores top_k/top_p: one compilation

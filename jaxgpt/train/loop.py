@@ -1,7 +1,7 @@
-"""The training loop: set up mesh, model, optimizer and data; then step, and every so often log,
-evaluate, sample, score HellaSwag and checkpoint.
+"""The training loop: step, and every so often log, run the hooks (evaluate, sample, HellaSwag) and checkpoint.
 
-Everything a step needs is built once in :func:`setup`; :func:`train` is the loop.
+Everything a step needs is built once in ``train.setup``; :func:`train` is the loop, and periodic
+work is registered on :class:`Hooks` (``add_hook(fn, every=N)``).
 A run is resumable at any checkpoint: the step, parameters, optimizer moments,
 RNG and the data iterator's position are restored, so a resumed run takes the
 same batches and learning rates as one that never stopped.
@@ -17,169 +17,27 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
-from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jaxgpt.checkpoints.checkpointer import Checkpointer
-from jaxgpt.checkpoints.loading import load_model
-from jaxgpt.checkpoints.run_dir import MetricsWriter, RunLock, make_run_dir, read_run_file, write_run_file
-from jaxgpt.checkpoints.state import TrainState, init_train_state
+from jaxgpt.checkpoints.run_dir import MetricsWriter, RunLock
 from jaxgpt.core import distributed
 from jaxgpt.core.errors import UserError
-from jaxgpt.core.sharding import accumulated_batch_sharding, check_batch_divisible, make_mesh
-from jaxgpt.data.meta import check_dataset
-from jaxgpt.data.pipeline import DataConfig, iterator_state, make_train_iterator, open_examples, restore_iterator
+from jaxgpt.core.sharding import accumulated_batch_sharding
+from jaxgpt.data.pipeline import iterator_state
 from jaxgpt.eval.hellaswag import HellaSwagItem, evaluate_hellaswag, load_hellaswag
 from jaxgpt.eval.loss import evaluate_loss
-from jaxgpt.model.config import GPTConfig
-from jaxgpt.model.gpt import GPT, non_embedding_params
-from jaxgpt.model.params import ParamCodec
+from jaxgpt.model.gpt import GPT
 from jaxgpt.sampling.generate import generate
 from jaxgpt.tokenizer.encoding import EOT_ID, get_tokenizer
 from jaxgpt.train import metrics
-from jaxgpt.train.config import SHAPE_FIELDS, RunConfig, TrainConfig
-from jaxgpt.train.optim import optimizer_from_config
+from jaxgpt.train.config import RunConfig, TrainConfig
 from jaxgpt.train.profiling import StepProfiler, parse_profile_steps
-from jaxgpt.train.step import jit_train_step, make_train_step, train_state_shardings
+from jaxgpt.train.setup import Run, describe, setup
 from jaxgpt.train.tracking import open_trackers
 
 
 class NonFiniteError(UserError):
     """The loss or gradient became NaN/Inf; the last good checkpoint is left intact."""
-
-
-@dataclasses.dataclass
-class Run:
-    """Everything the loop needs, built once."""
-
-    config: TrainConfig
-    model_config: GPTConfig
-    mesh: Mesh
-    codec: ParamCodec
-    state: TrainState
-    step_fn: Callable
-    data: DataConfig
-    data_iter: Any
-    checkpointer: Checkpointer
-    flops_per_token: float
-    resumed_from: int | None
-
-
-def setup(run_config: RunConfig, devices: list | None = None) -> Run:
-    """Builds the run; ``devices`` (default: all) is what ``--mesh`` must cover exactly."""
-    cfg = run_config.train_config
-    mesh = make_mesh(cfg.mesh, devices)
-    make_run_dir(cfg.out_dir)
-    checkpointer = Checkpointer(cfg.out_dir, keep_last=cfg.keep_checkpoints)
-    try:
-        return _build(run_config, mesh, checkpointer)
-    except BaseException:
-        checkpointer.close()  # a failed setup must not leave Orbax's background threads behind
-        raise
-
-
-def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run:
-    """Model config first (stored, pretrained or asked for), then data, optimizer and the state to start from."""
-    cfg = run_config.train_config
-    latest = checkpointer.latest_step()
-    model_config, pretrained = run_config.model_config, None
-    if latest is not None:
-        model_config, cfg = _resumed_config(run_config), _resumed_train_config(run_config)
-    elif cfg.init_from != "scratch":
-        model_config, pretrained = _pretrained(run_config)
-    elif cfg.resume:
-        print(f"--resume: no checkpoint in {cfg.out_dir} yet, starting from scratch")
-    check_dataset(cfg.data_dir, model_config.vocab_size)  # every input checked before anything is compiled
-    check_batch_divisible(cfg.batch_size, mesh, "--batch_size")
-
-    data = DataConfig(cfg.data_dir, model_config.block_size, cfg.batch_size, cfg.seed, cfg.data_workers)
-    if cfg.epochs is not None:
-        cfg = cfg.for_examples(len(open_examples(cfg.data_dir, "train", model_config.block_size)))
-    codec = ParamCodec(model_config)
-    schedule, tx = optimizer_from_config(cfg)
-    shardings = train_state_shardings(codec, tx, mesh, cfg.fsdp)
-    if latest is not None:  # restore into shapes only: nothing is initialised just to be overwritten
-        abstract = jax.eval_shape(lambda p: init_train_state(p, tx, cfg.seed), codec.abstract)
-        found = checkpointer.newest_intact(
-            lambda step: checkpointer.restore(step, abstract, shardings), quarantine=jax.process_index() == 0
-        )
-        if found is None:
-            raise UserError(f"no intact checkpoint left in {checkpointer.directory}; start again in a new --out_dir")
-        latest, (state, data_state) = found
-        data_iter = make_train_iterator(data) if cfg.reset_data else restore_iterator(data, data_state)
-    else:
-        data_iter = make_train_iterator(data)  # checks the data before anything is compiled
-        if pretrained is not None:
-            params = jax.device_put(pretrained, shardings.params)
-        else:
-            params = codec.init(cfg.seed, shardings.params)
-        state = jax.jit(lambda p: init_train_state(p, tx, cfg.seed), out_shardings=shardings)(params)
-    if distributed.is_main_process():
-        write_run_file(cfg.out_dir, model_config, cfg.to_dict())  # as resolved: the next resume reads it
-
-    abstract_model = nnx.eval_shape(lambda: GPT(model_config, nnx.Rngs(0)))
-    return Run(
-        config=cfg,
-        model_config=model_config,
-        mesh=mesh,
-        codec=codec,
-        state=state,
-        step_fn=jit_train_step(make_train_step(codec, tx, schedule), shardings, mesh),
-        data=data,
-        data_iter=data_iter,
-        checkpointer=checkpointer,
-        flops_per_token=metrics.flops_per_token(model_config, non_embedding_params(abstract_model)),
-        resumed_from=latest,
-    )
-
-
-def _pretrained(run_config: RunConfig) -> tuple[GPTConfig, dict[str, np.ndarray]]:
-    """Weights to fine-tune from: the checkpoint fixes the shapes, the command line the rest."""
-    asked = run_config.model_config
-    keep = ("dropout", "dtype", "pad_vocab_multiple", "attention", "loss", "remat", "param_dtype")
-    pretrained = load_model(run_config.train_config.init_from, **{k: getattr(asked, k) for k in keep})
-    config = pretrained.config
-    params = ParamCodec(config).to_host(pretrained)
-    block_size = asked.block_size if "block_size" in run_config.model_flags else config.block_size
-    if block_size > config.block_size:
-        raise UserError(f"--block_size {block_size} exceeds the pretrained model's context ({config.block_size})")
-    if block_size < config.block_size:  # nanoGPT's crop_block_size: keep the first positions (rotary has none)
-        if "wpe.embedding" in params:
-            params["wpe.embedding"] = params["wpe.embedding"][:block_size]
-        config = config.replace(block_size=block_size)
-    return config, params
-
-
-def _resumed_config(run_config: RunConfig) -> GPTConfig:
-    """The run's stored model config; shape flags that contradict it are an error, others apply."""
-    asked, flags, out_dir = run_config.model_config, run_config.model_flags, run_config.train_config.out_dir
-    stored = GPTConfig.from_dict(read_run_file(out_dir)["model"])
-    shape = (*SHAPE_FIELDS, "block_size", "pad_vocab_multiple")
-    changed = [f for f in shape if f in flags and getattr(asked, f) != getattr(stored, f)]
-    if changed:
-        stored_values = ", ".join(f"{f}={getattr(stored, f)}" for f in changed)
-        raise UserError(
-            f"{out_dir} holds a checkpoint of a model with {stored_values}; drop those flags to resume, "
-            "or pick a new --out_dir"
-        )
-    return stored.replace(**{k: getattr(asked, k) for k in flags if k not in shape})
-
-
-DATA_ORDER_FIELDS = ("batch_size", "seed")  # with block_size, what the saved data position depends on
-
-
-def _resumed_train_config(run_config: RunConfig) -> TrainConfig:
-    """The run's stored batch size and seed unless given; a different one needs --reset_data."""
-    cfg, given = run_config.train_config, run_config.train_flags
-    stored = read_run_file(cfg.out_dir).get("train", {})
-    for name in DATA_ORDER_FIELDS:
-        if name in given and name in stored and getattr(cfg, name) != stored[name] and not cfg.reset_data:
-            raise UserError(
-                f"{cfg.out_dir} was trained with --{name} {stored[name]}; drop --{name} {getattr(cfg, name)} to "
-                f"resume where its data stopped, or add --reset_data to restart the data order with the new value"
-            )
-    return dataclasses.replace(cfg, **{k: stored[k] for k in DATA_ORDER_FIELDS if k in stored and k not in given})
 
 
 def next_batch(run: Run) -> dict[str, jax.Array]:
@@ -275,6 +133,28 @@ def due(step: int, interval: int, last: bool) -> bool:
     return last or (interval > 0 and step % interval == 0)
 
 
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    fn: Callable[[int], dict[str, Any] | None]  # step -> what it adds to the step's record
+    every: int  # steps between runs; 0: only after the last step
+    at_end: bool  # also after the last step
+
+
+class Hooks:
+    """Periodic actions, as Levanter's ``add_hook(fn, every=N)``: each runs after every ``every``-th step
+    (and after the last one unless ``at_end=False``), in the order added, and returns what it adds to
+    that step's record (``metrics.jsonl``, the log line, the trackers)."""
+
+    def __init__(self) -> None:
+        self._hooks: list[Hook] = []
+
+    def add_hook(self, fn: Callable[[int], dict[str, Any] | None], *, every: int, at_end: bool = True) -> None:
+        self._hooks.append(Hook(fn, every, at_end))
+
+    def due(self, step: int, last: bool) -> list[Hook]:
+        return [hook for hook in self._hooks if due(step, hook.every, last and hook.at_end)]
+
+
 def train(run_config: RunConfig) -> dict[str, Any]:
     """Runs (or resumes) training to ``max_steps``; returns the last logged record.
 
@@ -284,6 +164,25 @@ def train(run_config: RunConfig) -> dict[str, Any]:
     out_dir = run_config.train_config.out_dir
     with RunLock(out_dir) if distributed.is_main_process() else contextlib.nullcontext():
         return _train(run_config)
+
+
+def default_hooks(run: Run, say: Callable[[str], None], trackers: Any) -> Hooks:
+    """Evaluation at every ``eval_interval``, a sample (at each evaluation unless ``sample_interval``),
+    HellaSwag at every ``hellaswag_interval``."""
+    cfg, hooks = run.config, Hooks()
+    hooks.add_hook(lambda step: {"val_loss": evaluate(run)}, every=cfg.eval_interval)
+
+    def print_sample(step: int) -> None:
+        if cfg.sample_tokens:
+            text = sample_text(run, cfg.sample_tokens, cfg.seed + step)
+            say(f"--- sample at step {step} ---\n{text}\n---")
+            trackers.log_text(step, "sample", text)
+
+    hooks.add_hook(print_sample, every=cfg.sample_interval or cfg.eval_interval, at_end=not cfg.sample_interval)
+    if cfg.hellaswag_interval:
+        items = _hellaswag_items(cfg)
+        hooks.add_hook(lambda step: hellaswag_scores(run, items), every=cfg.hellaswag_interval)
+    return hooks
 
 
 def _train(run_config: RunConfig) -> dict[str, Any]:
@@ -305,22 +204,7 @@ def _train(run_config: RunConfig) -> dict[str, Any]:
     profiler = StepProfiler(parse_profile_steps(cfg.profile_steps), cfg.out_dir, enabled=is_main)
     say = tqdm.write if is_main else lambda _: None
     say(describe(run))
-
-    def print_sample(step: int) -> dict[str, Any]:
-        if cfg.sample_tokens:
-            text = sample_text(run, cfg.sample_tokens, cfg.seed + step)
-            say(f"--- sample at step {step} ---\n{text}\n---")
-            trackers.log_text(step, "sample", text)
-        return {}
-
-    # (every N steps, also at the last step?, action returning what it adds to the step's record)
-    actions: list[tuple[int, bool, Callable[[int], dict[str, Any]]]] = [
-        (cfg.eval_interval, True, lambda step: {"val_loss": evaluate(run)}),
-        (cfg.sample_interval or cfg.eval_interval, not cfg.sample_interval, print_sample),  # 0: at each evaluation
-    ]
-    if cfg.hellaswag_interval:
-        items = _hellaswag_items(cfg)
-        actions.append((cfg.hellaswag_interval, True, lambda step: hellaswag_scores(run, items)))
+    hooks = default_hooks(run, say, trackers)
 
     timer = StepTimer(run, start)
     record: dict[str, Any] = {}
@@ -329,7 +213,7 @@ def _train(run_config: RunConfig) -> dict[str, Any]:
     try:
         for step in range(start, cfg.max_steps):
             with profiler.step(step):
-                run.state, step_metrics = run.step_fn(run.state, next_batch(run))
+                run.state, step_metrics = run.step.fn(run.state, next_batch(run))
             profiler.step_done(step, run.state)
             run.checkpointer.check_save()  # a failed background save stops the run at once
             done, last = step + 1, step + 1 == cfg.max_steps
@@ -338,20 +222,20 @@ def _train(run_config: RunConfig) -> dict[str, Any]:
             if due(done, cfg.log_interval, last):
                 record.update(jax.device_get(step_metrics), **timer.rates(done))
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
-            other_work = [action for interval, at_end, action in actions if due(done, interval, last and at_end)]
-            if record or other_work:
+            due_hooks = hooks.due(done, last)
+            if record or due_hooks:
                 check_finite(run)
-            for action in other_work:
-                record.update(action(done))
+            for hook in due_hooks:
+                record.update(hook.fn(done) or {})
             if record:
                 record["step"] = done
                 writer.write(record)
                 trackers.log(record)
                 say(format_record(record, cfg.max_steps))
-            if due(done, cfg.save_interval, last):
+            saving = due(done, cfg.save_interval, last)
+            if saving:
                 save(run, record.get("val_loss"))
-                other_work.append(save)
-            if other_work or step == start:  # time only training steps: the first one compiles
+            if due_hooks or saving or step == start:  # time only training steps: the first one compiles
                 jax.block_until_ready(run.state.step)
                 timer.reset(done)
     finally:
@@ -360,15 +244,6 @@ def _train(run_config: RunConfig) -> dict[str, Any]:
         trackers.close()
         run.checkpointer.close()  # waits for the last asynchronous save: never exit with half a checkpoint
     return record
-
-
-def describe(run: Run) -> str:
-    model, resumed = run.model_config, run.resumed_from
-    return (
-        f"model: {model.n_layer} layers, {model.n_embd} wide, {model.block_size} context "
-        f"| {run.config.tokens_per_step(model.block_size):,} tokens/step | mesh {dict(run.mesh.shape)} "
-        f"on {jax.devices()[0].device_kind}" + (f" | resumed from step {resumed}" if resumed is not None else "")
-    )
 
 
 def _hellaswag_items(cfg: TrainConfig) -> list[HellaSwagItem]:

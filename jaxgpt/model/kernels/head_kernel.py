@@ -9,8 +9,8 @@ vocabulary) is gone. The rest of the fused loss is unchanged.
 Numerics follow the XLA path: logits rounded to the compute dtype, padded-vocabulary entries set to
 the dtype's minimum, the log-sum-exp in float32 from the rounded logits. On the CPU it runs with
 ``interpret=True`` (tests); ``jaxgpt.plan`` compiles it for the GPU target. To XLA's partitioner the
-kernel is one opaque custom call, so on a mesh it runs inside ``shard_map`` over the context mesh the
-train step sets (``jaxgpt.sharding.on_mesh``), each device on its own rows of the batch.
+kernel is one opaque custom call, so on a mesh it runs inside ``shard_map`` over the runtime's mesh
+(``jaxgpt.core.platform.Runtime``: the train step's), each device on its own rows of the batch.
 """
 
 from __future__ import annotations
@@ -23,36 +23,36 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec
 
-from jaxgpt.core.platform import compile_platform
+from jaxgpt.core.platform import Runtime
 from jaxgpt.core.sharding import rows_spec
 
 BLOCK_TOKENS, BLOCK_VOCAB, BLOCK_EMBD = 64, 128, 128  # Triton tiles are powers of two
 
 
-def head_logits(h: jax.Array, embedding: jax.Array, vocab_size: int) -> tuple[jax.Array, jax.Array]:
+def head_logits(h: jax.Array, embedding: jax.Array, vocab_size: int, runtime: Runtime) -> tuple[jax.Array, jax.Array]:
     """``h`` [B, t, C] to logits [B, t, Vp] and their log-sum-exp [B, t], each device on its batch rows."""
-    interpret = compile_platform() != "gpu"
+    interpret = runtime.platform != "gpu"
 
     def local(h: jax.Array, embedding: jax.Array) -> tuple[jax.Array, jax.Array]:
         b, t, c = h.shape
         logits, lse = logits_and_logsumexp(h.reshape(b * t, c), embedding, vocab_size, interpret)
         return logits.reshape(b, t, -1), lse.reshape(b, t)
 
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    mesh = runtime.mesh
+    if mesh is None:
         return local(h, embedding)
     spec = rows_spec(mesh, h.shape[0])
     shard = jax.shard_map(local, mesh=mesh, in_specs=(spec, PartitionSpec()), out_specs=(spec, spec), check_vma=False)
     return shard(h, embedding)
 
 
-def fits(h_shape: tuple[int, ...], padded_vocab: int) -> bool:
+def fits(h_shape: tuple[int, ...], padded_vocab: int, runtime: Runtime) -> bool:
     """Whether ``head_logits`` can take a [B, t, C] tile: its rows on one device tile evenly, and a batch
-    spread over several devices is split by the train step's mesh (XLA could not split the kernel)."""
+    spread over several devices is split by the runtime's mesh (XLA could not split the kernel)."""
     b, t, c = h_shape
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return jax.device_count() == 1 and supported(b * t, padded_vocab, c)
+    mesh = runtime.mesh
+    if mesh is None:
+        return runtime.single_device and supported(b * t, padded_vocab, c)
     rows_axis = rows_spec(mesh, b)[0]
     local_rows = b // mesh.shape[rows_axis] if rows_axis else b
     return supported(local_rows * t, padded_vocab, c)

@@ -3,11 +3,11 @@
 ``jax.experimental.pallas.ops.tpu.splash_attention`` (maintained with JAX, the kernel MaxText uses on
 TPU) computes causal attention block by block in on-chip memory: the [T, T] scores and weights never
 reach HBM, in the forward pass or the backward. To XLA's partitioner a Pallas kernel is one opaque
-custom call, so on a mesh it runs inside ``shard_map`` over the context mesh that the train step sets
-(``jaxgpt.sharding.on_mesh``), each device attending its own batch rows and heads
-(``jaxgpt.sharding.attention_spec``); without one, only on a single device. Off TPU the same kernel
-runs in Pallas' interpreter: slow, for tests only. No dropout on the attention weights
-(``jaxgpt.model.resolve_attention`` falls back to XLA's attention).
+custom call, so on a mesh it runs inside ``shard_map`` over the runtime's mesh (the train step's),
+each device attending its own batch rows and heads (``jaxgpt.core.sharding.attention_spec``);
+without one, only on a single device. Off TPU the same kernel runs in Pallas' interpreter: slow,
+for tests only. No dropout on the attention weights (``jaxgpt.model.gpt.resolve_attention`` falls
+back to XLA's attention).
 """
 
 from __future__ import annotations
@@ -19,32 +19,33 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-from jaxgpt.core.platform import compile_platform
+from jaxgpt.core.platform import Runtime
 from jaxgpt.core.sharding import attention_spec
 
 BLOCKS = (512, 256, 128)  # tokens per query/key block, largest first (512: MaxText's default)
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, runtime: Runtime) -> jax.Array:
     """Causal softmax attention of ``q, k, v`` [B, T, H, D], as ``jax.nn.dot_product_attention(is_causal=True)``.
 
     XLA's attention runs instead for a sequence that no block tiles (T not a multiple of 128, the
-    kernel's lane width), and outside the train step on more than one device (evaluation, scoring):
-    without the step's mesh the kernel could not be split, and XLA cannot split it either.
+    kernel's lane width), and on several devices without the runtime's mesh: the kernel could not be
+    split, and XLA cannot split it either.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if splash_block(q.shape[1]) is None or (mesh.empty and jax.device_count() > 1):
+    attend = functools.partial(_attend, interpret=runtime.platform != "tpu")
+    if splash_block(q.shape[1]) is None or (runtime.mesh is None and not runtime.single_device):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    if mesh.empty:
-        return _attend(q, k, v)
-    spec = attention_spec(mesh, q.shape[0], q.shape[2])
-    return jax.shard_map(_attend, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+    if runtime.mesh is None:
+        return attend(q, k, v)
+    spec = attention_spec(runtime.mesh, q.shape[0], q.shape[2])
+    shard = jax.shard_map(attend, mesh=runtime.mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+    return shard(q, k, v)
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool) -> jax.Array:
     """One device's share: the kernel per batch row on [H, T, D] (the kernel leaves the 1/sqrt(D) to us)."""
     _, t, h, d = q.shape
-    kernel = _kernel(h, t, interpret=compile_platform() != "tpu")
+    kernel = _kernel(h, t, interpret=interpret)
     heads_first = lambda x: jnp.swapaxes(x, 1, 2)
     q = q * jnp.asarray(1 / math.sqrt(d), q.dtype)
     return heads_first(jax.vmap(kernel)(heads_first(q), heads_first(k), heads_first(v)))
