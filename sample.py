@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import jax
 
-from jaxgpt.chat.repl import chat, user_lines
+from jaxgpt.chat.repl import USER_PROMPT, chat
 from jaxgpt.checkpoints.loading import load_model
 from jaxgpt.core import distributed
 from jaxgpt.core.cli import build, parser_for, run
@@ -26,7 +26,7 @@ from jaxgpt.core.distributed import LaunchConfig
 from jaxgpt.core.errors import UserError
 from jaxgpt.core.sharding import make_mesh, shard_model
 from jaxgpt.sampling.config import SampleConfig
-from jaxgpt.sampling.text import read_prompts, sample_prompt
+from jaxgpt.sampling.text import PROMPT, input_lines, sample_prompt
 from jaxgpt.tokenizer.encoding import get_tokenizer
 
 
@@ -46,10 +46,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     key = jax.random.key(config.seed)
     if config.chat:
         sampling = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, mesh=mesh)
-        lines = user_lines(sys.stdin)
+        lines = input_lines(sys.stdin, USER_PROMPT, skip_blank=True)
         chat(model, lines, system=config.system, max_new_tokens=config.max_new_tokens, key=key, **sampling)
         return
-    for i, prompt in enumerate(read_prompts(config)):
+    prompts = input_lines(sys.stdin, PROMPT) if config.interactive else [config.prompt]
+    for i, prompt in enumerate(prompts):
         try:
             sample_prompt(model, tokenizer, prompt, config, jax.random.fold_in(key, i), out, mesh)
         except UserError as err:
