@@ -19,12 +19,11 @@ from collections.abc import Sequence
 import jax
 
 from jaxgpt.chat.repl import USER_PROMPT, chat
-from jaxgpt.checkpoints.loading import load_model
+from jaxgpt.checkpoints.loading import load_sharded
 from jaxgpt.core import distributed
 from jaxgpt.core.cli import build, parser_for, run
 from jaxgpt.core.distributed import LaunchConfig
 from jaxgpt.core.errors import UserError
-from jaxgpt.core.sharding import make_mesh, shard_model
 from jaxgpt.sampling.config import SampleConfig
 from jaxgpt.sampling.text import PROMPT, input_lines, sample_prompt
 from jaxgpt.tokenizer.encoding import get_tokenizer
@@ -39,10 +38,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     tokenizer = get_tokenizer()
     distributed.initialize(launch)
     out = sys.stdout if distributed.is_main_process() else io.StringIO()  # every process samples, one prints
-    mesh = make_mesh(config.mesh) if config.mesh else None
-    model = load_model(config.init_from, dtype=config.dtype)
-    if mesh is not None:
-        shard_model(model, mesh)
+    model, mesh = load_sharded(config.init_from, config.mesh, dtype=config.dtype)
     key = jax.random.key(config.seed)
     if config.chat:
         sampling = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, mesh=mesh)

@@ -34,13 +34,11 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from jaxgpt.checkpoints.loading import load_model
+from jaxgpt.checkpoints.loading import LoadConfig, load_sharded
 from jaxgpt.core.cli import build, parser_for, run
 from jaxgpt.core.errors import UserError
 from jaxgpt.core.options import option
-from jaxgpt.core.sharding import make_mesh, shard_model
 from jaxgpt.eval.scoring import RowScorer, score_rows
-from jaxgpt.model.config import DType
 from jaxgpt.sampling.generate import generate
 from jaxgpt.tokenizer.encoding import get_tokenizer
 
@@ -90,8 +88,7 @@ class JaxGPTLM(TemplateLM):
             known = "init_from, dtype, batch_size, mesh, max_gen_toks, seed"
             raise UserError(f"unknown jaxgpt model_args {sorted(unknown)}; known: {known}")
         self.batch_size = parse_batch_size(batch_size)
-        self.mesh = make_mesh(None if mesh is None else str(mesh))
-        self.model = shard_model(load_model(str(init_from), dtype=dtype), self.mesh)
+        self.model, self.mesh = load_sharded(str(init_from), None if mesh is None else str(mesh), dtype=dtype)
         self.scorer = RowScorer(self.model, self.mesh)
         self.scorer.check_rows(self.batch_size, "batch_size")
         self.bpe = get_tokenizer()
@@ -207,12 +204,9 @@ class JaxGPTLM(TemplateLM):
 
 
 @dataclasses.dataclass(frozen=True)
-class HarnessConfig:
+class HarnessConfig(LoadConfig):
     """Run lm-evaluation-harness tasks on a jaxgpt model; every other flag is lm-eval's (lm-eval run --help)."""
 
-    init_from: str = option("gpt2", "training checkpoint directory, Hugging Face GPT-2 directory or hub id")
-    mesh: str | None = option(None, "device mesh DxM (data x model); default: every device on data")
-    dtype: DType = option("float32", "compute dtype of the model")
     batch_size: int = option(DEFAULT_BATCH_SIZE, "rows per compiled call, split over the mesh's data axis")
     max_gen_toks: int = option(DEFAULT_MAX_GEN_TOKS, "new tokens per generation unless the task sets its own")
 
