@@ -115,6 +115,7 @@ def _alive(pid: int) -> bool:
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a jaxgpt run (a training out_dir or an exported model): its run file exists."""
     return (Path(path) / RUN_FILE).is_file()
 
 
@@ -166,6 +167,7 @@ class MetricsWriter:
         self.enabled = enabled
 
     def write(self, record: dict[str, Any]) -> None:
+        """Appends ``record`` as one line (arrays become floats); does nothing where not ``enabled``."""
         if not self.enabled:
             return
         clean = {k: (float(v) if hasattr(v, "item") else v) for k, v in record.items()}

@@ -88,6 +88,7 @@ def index_dataset(data_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m jaxgpt.data.meta DIR``: writes meta.json for shards made elsewhere, so training accepts them."""
     parser = ArgumentParser(prog="python -m jaxgpt.data.meta", description=__doc__.splitlines()[0])
     parser.add_argument("data_dir", help="a folder of token shards (<name>_train_*.bin, <name>_val_*.bin)")
     meta = index_dataset(parser.parse_args(argv).data_dir)

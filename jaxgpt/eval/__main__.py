@@ -51,12 +51,15 @@ def format_table(results: dict) -> str:
 
 
 def append_results(path: Path, init_from: str, results: dict) -> None:
+    """Appends one JSON line (init_from, a UTC timestamp and the figures) to ``path``, to compare runs later."""
     record = {"init_from": init_from, "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(), **results}
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m jaxgpt.eval``: checks every input, then loads and shards the model and prints (and with
+    --results appends) the figures."""
     parser = parser_for("python -m jaxgpt.eval", EvalConfig.__doc__, (EvalConfig, None), (LaunchConfig, None))
     parser.add_argument(
         "--hellaswag", nargs="?", const=DOWNLOAD, default=argparse.SUPPRESS, metavar="PATH",

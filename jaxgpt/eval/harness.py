@@ -101,6 +101,7 @@ class JaxGPTLM(TemplateLM):
 
     @property
     def eot_token_id(self) -> int:
+        """GPT-2's <|endoftext|>: lm-eval's default prefix of rolling windows and a stop sequence."""
         return self.bpe.eot_id
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
@@ -112,6 +113,7 @@ class JaxGPTLM(TemplateLM):
         return self.bpe.decode([t for t in tokens if t != self.eot_token_id])
 
     def get_model_info(self) -> dict:
+        """What lm-eval records about the model in its results: the parameter count and the config."""
         n_params = sum(x.size for x in jax.tree.leaves(nnx.state(self.model, nnx.Param)))
         return {"model_num_parameters": n_params, **self.model.config.to_dict()}
 
@@ -224,6 +226,8 @@ def lm_eval_argv(config: HarnessConfig, rest: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m jaxgpt.eval.harness``: lm-eval's own command line, with model jaxgpt and these flags as its
+    model_args."""
     parser = parser_for("python -m jaxgpt.eval.harness", HarnessConfig.__doc__, (HarnessConfig, None))
     parser.epilog = "lm-eval's flags: --tasks, --num_fewshot, --limit, --output_path, --log_samples, ..."
     known, rest = parser.parse_known_args(argv)

@@ -99,21 +99,26 @@ class GPTConfig:
 
     @property
     def padded_vocab_size(self) -> int:
+        """The embedding table's rows: vocab_size rounded up to pad_vocab_multiple."""
         m = self.pad_vocab_multiple
         return -(-self.vocab_size // m) * m
 
     @property
     def head_dim(self) -> int:
+        """Each attention head's size: n_embd / n_head."""
         return self.n_embd // self.n_head
 
     def replace(self, **changes: Any) -> GPTConfig:
+        """A copy with ``changes``, checked again as a new config is."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, as the run file and the checkpoints store them."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> GPTConfig:
+        """A config from stored fields: unknown keys (another version's) are ignored, missing ones take defaults."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 

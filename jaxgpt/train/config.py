@@ -100,6 +100,7 @@ class TrainConfig:
 
     @property
     def decay_steps(self) -> int:
+        """The steps over which the learning rate decays: --lr_decay_steps, else the whole run."""
         return self.lr_decay_steps or self.max_steps
 
     def for_examples(self, num_examples: int) -> TrainConfig:
@@ -109,9 +110,11 @@ class TrainConfig:
         return dataclasses.replace(self, max_steps=max(steps, 1))
 
     def tokens_per_step(self, block_size: int) -> int:
+        """Tokens one optimizer step trains on: batch_size x grad_accum x block_size."""
         return self.batch_size * self.grad_accum * block_size
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, as the run file stores them (a resume reads the batch size and seed back)."""
         return dataclasses.asdict(self)
 
 
@@ -212,6 +215,8 @@ class RunConfig:
 
 
 def parse_run_config(argv: Sequence[str] | None = None) -> RunConfig:
+    """What ``python train.py`` was asked for: the preset's defaults with the typed flags over them, and which
+    flags were typed."""
     description = (
         "Train or fine-tune a GPT on a device mesh. Defaults shown are the 'shakespeare' preset's; "
         f"--preset picks another set ({', '.join(RUN_PRESETS)})."
