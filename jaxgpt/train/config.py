@@ -15,7 +15,7 @@ from jaxgpt.core.cli import build, parser_for
 from jaxgpt.core.distributed import LaunchConfig
 from jaxgpt.core.errors import UserError
 from jaxgpt.core.options import option
-from jaxgpt.model.config import GPTConfig, preset, shape_fields
+from jaxgpt.model.config import GPTConfig, preset
 from jaxgpt.train.profiling import parse_profile_steps
 from jaxgpt.train.tracking import check_tracker_installed
 
@@ -200,7 +200,6 @@ RUN_PRESETS: dict[str, tuple[TrainConfig, GPTConfig]] = {
 }
 
 # Fields of GPTConfig that fix parameter shapes: a pretrained model's values win over the preset's.
-SHAPE_FIELDS = shape_fields("weights")
 
 
 @dataclasses.dataclass(frozen=True)
