@@ -199,8 +199,6 @@ RUN_PRESETS: dict[str, tuple[TrainConfig, GPTConfig]] = {
     for name, (train, model) in _RECIPES.items()
 }
 
-# Fields of GPTConfig that fix parameter shapes: a pretrained model's values win over the preset's.
-
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
