@@ -23,10 +23,10 @@ from jaxgpt.chat_repl import chat, user_lines
 from jaxgpt.cli import build, parser_for, run
 from jaxgpt.distributed import LaunchConfig
 from jaxgpt.errors import UserError
-from jaxgpt.loading import load_model
+from jaxgpt.loading import load_model, newest_run
 from jaxgpt.sample_config import SampleConfig
 from jaxgpt.sharding import make_mesh, shard_model
-from jaxgpt.text_sampling import read_prompts, sample_prompt
+from jaxgpt.text_sampling import DEFAULT_NEW_TOKENS, read_prompts, sample_prompt
 from jaxgpt.tokenizer import get_tokenizer
 
 
@@ -40,14 +40,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     distributed.initialize(launch)
     out = sys.stdout if distributed.is_main_process() else io.StringIO()  # every process samples, one prints
     mesh = make_mesh(config.mesh) if config.mesh else None
-    model = load_model(config.init_from, dtype=config.dtype)
+    init_from = config.init_from
+    if init_from is None:
+        init_from = str(newest_run())
+        print(f"sampling from {init_from}, the newest run under out/ (--init_from picks another)", file=sys.stderr)
+    model = load_model(init_from, dtype=config.dtype)
     if mesh is not None:
         shard_model(model, mesh)
     key = jax.random.key(config.seed)
     if config.chat:
         sampling = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, mesh=mesh)
         lines = user_lines(sys.stdin)
-        chat(model, lines, system=config.system, max_new_tokens=config.max_new_tokens, key=key, **sampling)
+        max_new_tokens = config.max_new_tokens or min(DEFAULT_NEW_TOKENS, model.config.block_size // 2)
+        chat(model, lines, system=config.system, max_new_tokens=max_new_tokens, key=key, **sampling)
         return
     for i, prompt in enumerate(read_prompts(config)):
         try:

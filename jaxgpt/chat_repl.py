@@ -36,7 +36,11 @@ def user_lines(stdin: TextIO) -> Iterator[str]:
 
 
 class ReplyStream:
-    """``generate``'s on_token: writes the answer as it comes, without the template's leading space and EOT."""
+    """``generate``'s on_token: writes the answer as it comes, without leading whitespace and the closing EOT.
+
+    A model trained on plays answers ``Assistant:`` as a speaker's name, with a newline first: that, like
+    the template's space, is not shown (as in ``Reply.text``).
+    """
 
     def __init__(self, out: TextIO) -> None:
         self.out = out
@@ -47,8 +51,9 @@ class ReplyStream:
         if token == EOT_ID:
             return
         text = self._utf8.decode(get_tokenizer().decode_bytes([token]))
-        if not self._started and text:
-            text, self._started = text.removeprefix(" "), True
+        if not self._started:
+            text = text.lstrip()
+            self._started = bool(text)
         self.out.write(text)
         self.out.flush()
 

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.checkpoint import load_model_from_checkpoint
+from jaxgpt.checkpoint import CHECKPOINT_DIR, load_model_from_checkpoint
 from jaxgpt.convert import load_hf_gpt2
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
 from jaxgpt.params import ParamCodec
-from jaxgpt.run_dir import is_run_dir
+from jaxgpt.run_dir import METRICS_FILE, RUN_FILE, is_run_dir
 
 _all_finite = jax.jit(lambda params: {name: jnp.isfinite(value).all() for name, value in params.items()})
 
@@ -36,3 +37,19 @@ def load_model(init_from: str | os.PathLike, **overrides: Any) -> GPT:
             "load an earlier checkpoint (a training run that diverged stops before saving such weights)"
         )
     return model
+
+
+def newest_run(root: str | os.PathLike = "out") -> Path:
+    """The run directory under ``root`` with checkpoints that was written to last (run file or metrics)."""
+    root = Path(root)
+    runs = (
+        [p for p in sorted(root.iterdir()) if is_run_dir(p) and (p / CHECKPOINT_DIR).is_dir()] if root.is_dir() else []
+    )
+    if not runs:
+        raise UserError(
+            f"no training run with checkpoints under {root}/; train one first (python train.py) or pass --init_from"
+        )
+    written = lambda run: max(
+        (run / name).stat().st_mtime for name in (RUN_FILE, METRICS_FILE) if (run / name).is_file()
+    )
+    return max(runs, key=written)

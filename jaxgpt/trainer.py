@@ -35,6 +35,7 @@ from jaxgpt.optim import optimizer_from_config
 from jaxgpt.params import ParamCodec
 from jaxgpt.profiling import StepProfiler, parse_profile_steps
 from jaxgpt.run_dir import MetricsWriter, RunLock, make_run_dir, read_run_file, write_run_file
+from jaxgpt.run_lifecycle import check_not_complete, removed_if_left_empty, start_fresh, summary
 from jaxgpt.sampling import generate
 from jaxgpt.sharding import accumulated_batch_sharding, check_batch_divisible, make_mesh
 from jaxgpt.tokenizer import EOT_ID, get_tokenizer
@@ -69,6 +70,8 @@ def setup(run_config: RunConfig, devices: list | None = None) -> Run:
     """Builds the run; ``devices`` (default: all) is what ``--mesh`` must cover exactly."""
     cfg = run_config.train_config
     mesh = make_mesh(cfg.mesh, devices)
+    if cfg.fresh:
+        start_fresh(cfg.out_dir)
     make_run_dir(cfg.out_dir)
     checkpointer = Checkpointer(cfg.out_dir, keep_last=cfg.keep_checkpoints)
     try:
@@ -95,6 +98,8 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
     data = DataConfig(cfg.data_dir, model_config.block_size, cfg.batch_size, cfg.seed, cfg.data_workers)
     if cfg.epochs is not None:
         cfg = cfg.for_examples(len(open_examples(cfg.data_dir, "train", model_config.block_size)))
+    if latest is not None:
+        check_not_complete(cfg.out_dir, latest, cfg.max_steps)
     codec = ParamCodec(model_config)
     schedule, tx = optimizer_from_config(cfg)
     shardings = train_state_shardings(codec, tx, mesh, cfg.fsdp)
@@ -281,11 +286,13 @@ def train(run_config: RunConfig) -> dict[str, Any]:
     """
     distributed.initialize(run_config.launch_config)  # before anything touches a device
     out_dir = run_config.train_config.out_dir
-    with RunLock(out_dir) if distributed.is_main_process() else contextlib.nullcontext():
+    lock = RunLock(out_dir) if distributed.is_main_process() else contextlib.nullcontext()
+    with removed_if_left_empty(out_dir), lock:  # a run that fails to start leaves no empty folder
         return _train(run_config)
 
 
 def _train(run_config: RunConfig) -> dict[str, Any]:
+    began = time.perf_counter()
     run = setup(run_config)
     cfg = run.config
     is_main = distributed.is_main_process()
@@ -358,6 +365,9 @@ def _train(run_config: RunConfig) -> dict[str, Any]:
         profiler.stop()
         trackers.close()
         run.checkpointer.close()  # waits for the last asynchronous save: never exit with half a checkpoint
+    if is_main:
+        steps = cfg.max_steps - start
+        print(summary(cfg.out_dir, time.perf_counter() - began, steps, steps * timer.tokens_per_step, run.checkpointer))
     return record
 
 
