@@ -95,7 +95,10 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
     check_dataset(cfg.data_dir, model_config.vocab_size)  # every input checked before anything is compiled
     check_batch_divisible(cfg.batch_size, mesh, "--batch_size")
 
-    data = DataConfig(cfg.data_dir, model_config.block_size, cfg.batch_size, cfg.seed, cfg.data_workers)
+    data = DataConfig(
+        cfg.data_dir, model_config.block_size, cfg.batch_size, cfg.seed, cfg.data_workers,
+        vocab_size=model_config.vocab_size,
+    )  # fmt: skip
     if cfg.epochs is not None:
         cfg = cfg.for_examples(len(open_examples(cfg.data_dir, "train", model_config.block_size)))
     if latest is not None:
