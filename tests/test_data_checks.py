@@ -12,13 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 import tiktoken
 
-from jaxgpt.chat_template import render
+from jaxgpt.chat.template import render
+from jaxgpt.core.errors import UserError
 from jaxgpt.data import shards
 from jaxgpt.data.pipeline import DataConfig, make_train_iterator
 from jaxgpt.data.prepare import main as prepare
-from jaxgpt.errors import UserError
-from jaxgpt.train_config import parse_run_config
-from jaxgpt.trainer import train
+from jaxgpt.train.config import parse_run_config
+from jaxgpt.train.loop import train
 
 BAD = np.arange(50) * 1200 + 1  # 50 odd positions among the shard's first 60,000 tokens
 SMALL = ["--num_proc", "1", "--block_size", "64", "--val_fraction"]  # prepare's flags, then the fraction

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -53,7 +55,7 @@ def block_script(commands: list[str]) -> str:
     for i, command in enumerate(commands):
         reason = skip_reason(command)
         lines.append(f"echo '>>> command {i}' >&2")
-        lines.append(f": skipped, {reason}" if reason else shortened(command, QUICK_STEPS))
+        lines.append(f": {shlex.quote('skipped: ' + reason)}" if reason else shortened(command, QUICK_STEPS))
     return "\n".join(lines) + "\n"
 
 
@@ -82,22 +84,28 @@ def plain_env(bin_dir: Path) -> dict[str, str]:
     return env
 
 
-def test_the_skip_table_matches_readme_commands():
+def test_the_skip_table_matches_readme_commands_and_blocks_parse():
     found = [c for block in bash_blocks((ROOT / "README.md").read_text()) for c in block]
     assert len(found) > 20, found
     stale = [p for p in SKIPPED if not any(re.search(p, c, re.MULTILINE) for c in found)]
     assert not stale, f"SKIPPED patterns that match no README command any more: {stale}"
+    for commands in bash_blocks((ROOT / "README.md").read_text()):  # each block, as run, is valid bash
+        checked = subprocess.run(["bash", "-n", "-c", block_script(commands)], capture_output=True, text=True)
+        assert checked.returncode == 0, f"{checked.stderr}\n{commands}"
 
 
 def test_every_readme_command_runs_as_written(repo_copy, tmp_path):
     env = plain_env(write_shims(tmp_path / "bin"))
     failures, ran = [], 0
     for number, commands in enumerate(bash_blocks((repo_copy / "README.md").read_text())):
+        began = time.perf_counter()
         result = subprocess.run(
             ["bash", "-c", block_script(commands)], cwd=repo_copy, env=env, input="ROMEO:\n", text=True,
             capture_output=True, timeout=BLOCK_TIMEOUT_S,
         )  # fmt: skip
         ran += sum(skip_reason(c) is None for c in commands)
+        seconds = time.perf_counter() - began
+        print(f"block {number}: {len(commands)} commands, exit {result.returncode}, {seconds:.0f} s")
         if result.returncode != 0:
             last = re.findall(r">>> command (\d+)", result.stderr)
             command = commands[int(last[-1])] if last else "(before the first command)"

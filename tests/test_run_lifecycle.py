@@ -8,10 +8,10 @@ import os
 
 import pytest
 
-from jaxgpt.errors import UserError
-from jaxgpt.loading import load_model, newest_run
-from jaxgpt.train_config import parse_run_config
-from jaxgpt.trainer import train
+from jaxgpt.checkpoints.loading import load_model, newest_run
+from jaxgpt.core.errors import UserError
+from jaxgpt.train.config import parse_run_config
+from jaxgpt.train.loop import train
 from tests.train_utils import logged_losses, train_args, write_token_data
 
 

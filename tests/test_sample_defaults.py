@@ -9,12 +9,13 @@ import jax
 import pytest
 from flax import nnx
 
-from jaxgpt import plan, text_sampling
-from jaxgpt.chat_repl import ReplyStream
-from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPT
-from jaxgpt.sample_config import SampleConfig
-from jaxgpt.tokenizer import get_tokenizer
+from jaxgpt.chat.repl import ReplyStream
+from jaxgpt.model.config import GPTConfig
+from jaxgpt.model.gpt import GPT
+from jaxgpt.plan import report as plan
+from jaxgpt.sampling import text as text_sampling
+from jaxgpt.sampling.config import SampleConfig
+from jaxgpt.tokenizer.encoding import get_tokenizer
 
 MODEL = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16), nnx.Rngs(0))
 
