@@ -19,13 +19,13 @@ from collections.abc import Sequence
 import jax
 
 from jaxgpt.chat.repl import USER_PROMPT, chat
-from jaxgpt.checkpoints.loading import load_sharded
+from jaxgpt.checkpoints.loading import load_sharded, newest_run
 from jaxgpt.core import distributed
 from jaxgpt.core.cli import build, parser_for, run
 from jaxgpt.core.distributed import LaunchConfig
 from jaxgpt.core.errors import UserError
 from jaxgpt.sampling.config import SampleConfig
-from jaxgpt.sampling.text import PROMPT, input_lines, sample_prompt
+from jaxgpt.sampling.text import DEFAULT_NEW_TOKENS, PROMPT, input_lines, sample_prompt
 from jaxgpt.tokenizer.encoding import get_tokenizer
 
 
@@ -38,12 +38,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     tokenizer = get_tokenizer()
     distributed.initialize(launch)
     out = sys.stdout if distributed.is_main_process() else io.StringIO()  # every process samples, one prints
-    model, mesh = load_sharded(config.init_from, config.mesh, dtype=config.dtype)
+    init_from = config.init_from
+    if init_from is None:
+        init_from = str(newest_run())
+        print(f"sampling from {init_from}, the newest run under out/ (--init_from picks another)", file=sys.stderr)
+    model, mesh = load_sharded(init_from, config.mesh, dtype=config.dtype)
     key = jax.random.key(config.seed)
     if config.chat:
         sampling = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, mesh=mesh)
         lines = input_lines(sys.stdin, USER_PROMPT, skip_blank=True)
-        chat(model, lines, system=config.system, max_new_tokens=config.max_new_tokens, key=key, **sampling)
+        max_new_tokens = config.max_new_tokens or min(DEFAULT_NEW_TOKENS, model.config.block_size // 2)
+        chat(model, lines, system=config.system, max_new_tokens=max_new_tokens, key=key, **sampling)
         return
     prompts = input_lines(sys.stdin, PROMPT) if config.interactive else [config.prompt]
     for i, prompt in enumerate(prompts):

@@ -36,7 +36,7 @@ def prompt_room(model: GPT, max_new_tokens: int) -> int:
 class Reply:
     """What ``generate_reply`` returns: the answer's text and the history to continue the conversation from."""
 
-    text: str  # the assistant's answer, without the template's leading space and closing EOT
+    text: str  # the assistant's answer, without leading whitespace (the template's space) and closing EOT
     history: list[Message]  # the messages the reply saw (oldest turns dropped to fit), then the reply
     dropped: int  # messages dropped from the front of the history to fit the context
     finished: bool  # the model closed its turn (False: it ran into max_new_tokens)
@@ -66,5 +66,5 @@ def generate_reply(
         stop_at_eot=True, on_token=on_token, mesh=mesh,
     )[0]  # fmt: skip
     finished = bool(new) and new[-1] == EOT_ID
-    text = get_tokenizer().decode(new[:-1] if finished else new).removeprefix(" ")
+    text = get_tokenizer().decode(new[:-1] if finished else new).lstrip()  # the marker's space, a model's newline
     return Reply(text, [*history, {"role": "assistant", "content": text}], dropped, finished)

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from jaxgpt.checkpoints.checkpointer import Checkpointer
+from jaxgpt.checkpoints.checkpointer import CHECKPOINT_DIR, Checkpointer
 from jaxgpt.checkpoints.fingerprint import fingerprints
-from jaxgpt.checkpoints.run_dir import is_run_dir, read_run_file, write_run_file
+from jaxgpt.checkpoints.run_dir import METRICS_FILE, RUN_FILE, is_run_dir, read_run_file, write_run_file
 from jaxgpt.convert import load_hf_gpt2
 from jaxgpt.core.errors import UserError
 from jaxgpt.core.options import option
@@ -109,3 +109,19 @@ def load_sharded(init_from: str | os.PathLike, mesh_spec: str | None = None, **o
     on the data axis, the model replicated."""
     mesh = make_mesh(mesh_spec)
     return shard_model(load_model(init_from, **overrides), mesh), mesh
+
+
+def newest_run(root: str | os.PathLike = "out") -> Path:
+    """The run directory under ``root`` with checkpoints that was written to last (run file or metrics)."""
+    root = Path(root)
+    runs = (
+        [p for p in sorted(root.iterdir()) if is_run_dir(p) and (p / CHECKPOINT_DIR).is_dir()] if root.is_dir() else []
+    )
+    if not runs:
+        raise UserError(
+            f"no training run with checkpoints under {root}/; train one first (python train.py) or pass --init_from"
+        )
+    written = lambda run: max(
+        (run / name).stat().st_mtime for name in (RUN_FILE, METRICS_FILE) if (run / name).is_file()
+    )
+    return max(runs, key=written)

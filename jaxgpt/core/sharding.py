@@ -48,7 +48,8 @@ def parse_mesh(spec: str, device_count: int | None = None) -> tuple[int, int]:
     data, model = int(match[1]), int(match[2])
     if data < 1 or model < 1 or data * model != device_count:
         raise UserError(
-            f"--mesh {data}x{model} needs {data * model} devices but {device_count} are present; "
+            f"--mesh {data}x{model} needs {data * model} devices but {device_count} "
+            f"{'is' if device_count == 1 else 'are'} present; "
             f"use a mesh whose product is {device_count}, e.g. --mesh={device_count}x1"
         )
     return data, model

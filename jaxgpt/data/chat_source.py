@@ -163,10 +163,12 @@ def file_conversations(path: Path, bad: BadLines) -> Iterator[tuple[list[chat.Me
             raise UserError(f"{file}: not UTF-8 text ({err})") from err
 
 
-def hub_conversations(dataset: str, bad: BadLines) -> Iterator[tuple[list[chat.Message], str]]:
-    """Streams a chat dataset from the Hugging Face hub (needs ``datasets`` and the network)."""
+def hub_conversations(
+    dataset: str, bad: BadLines, data_files: str | None = None
+) -> Iterator[tuple[list[chat.Message], str]]:
+    """Streams a chat dataset from the Hugging Face hub (needs ``datasets``; the network unless ``data_files``)."""
     repo, split, to_messages = HUB_CHAT_DATASETS[dataset]
-    for number, row in enumerate(sources.hub_rows(repo, None, split), start=1):
+    for number, row in enumerate(sources.hub_rows(repo, None, split, data_files), start=1):
         origin = f"{repo} row {number}"
         try:
             yield line_messages({"messages": to_messages(row)}), origin
@@ -175,11 +177,12 @@ def hub_conversations(dataset: str, bad: BadLines) -> Iterator[tuple[list[chat.M
 
 
 def conversations(
-    input_path: str | None, dataset: str | None, val_fraction: float, bad: BadLines
+    input_path: str | None, dataset: str | None, val_fraction: float, bad: BadLines, data_files: str | None = None
 ) -> tuple[Iterator[Conversation], str]:
     """The good conversations with their split, and a description of the source."""
     if dataset is not None:
-        found, source = hub_conversations(dataset, bad), f"hf://{HUB_CHAT_DATASETS[dataset][0]}"
+        found = hub_conversations(dataset, bad, data_files)
+        source = data_files or f"hf://{HUB_CHAT_DATASETS[dataset][0]}"
     else:
         found, source = file_conversations(Path(input_path), bad), str(input_path)  # type: ignore[arg-type]
     split = lambda i: "val" if sources.is_val_document(i, val_fraction) else "train"

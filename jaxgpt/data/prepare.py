@@ -53,6 +53,9 @@ class PrepareConfig:
     dataset: Literal["shakespeare", "openwebtext", "fineweb", "fineweb-edu", "alpaca", "dolly"] | None = option(
         None, "a named dataset to download instead of --input (fineweb*: the sample-10BT subsets; alpaca, dolly: chat)"
     )
+    data_files: str | None = option(
+        None, "with --dataset: its hub files (parquet/json) copied here, a file, glob or folder, read without a network"
+    )
     format: Literal["text", "chat"] | None = option(
         None, "chat: JSON lines of conversations, written with loss masks (None: chat for alpaca/dolly, else text)"
     )
@@ -78,6 +81,8 @@ class PrepareConfig:
             raise UserError(f"--num_proc must be >= 0, got {self.num_proc}")
         if self.block_size < 2:
             raise UserError(f"--block_size must be at least 2, got {self.block_size}")
+        if self.data_files is not None and self.dataset in (None, "shakespeare"):
+            raise UserError("--data_files is a local copy of a hub dataset's files: use it with --dataset NAME")
         if self.format == "text" and self.dataset in chat_source.HUB_CHAT_DATASETS:
             raise UserError(f"--dataset {self.dataset} is a chat dataset: drop --format text")
         if self.format == "chat" and self.dataset is not None and self.dataset not in chat_source.HUB_CHAT_DATASETS:
@@ -109,8 +114,9 @@ def corpus_pieces(config: PrepareConfig, out_dir: Path) -> tuple[Iterator[Piece]
         return sources.single_text_pieces(path, config.val_fraction), sources.SHAKESPEARE_URL, False
     if config.dataset is not None:
         repo, subset = sources.HUB_DATASETS[config.dataset]
-        documents = sources.hub_documents(config.dataset)
-        return sources.document_pieces(documents, config.val_fraction), f"hf://{repo}/{subset or ''}", True
+        documents = sources.hub_documents(config.dataset, config.data_files)
+        source = config.data_files or f"hf://{repo}/{subset or ''}"
+        return sources.document_pieces(documents, config.val_fraction), source, True
     path = Path(config.input)  # type: ignore[arg-type]
     if path.is_file():
         return sources.single_text_pieces(path, config.val_fraction), str(path), False
@@ -274,7 +280,9 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     longest = 0  # chat: tokens of the longest conversation (what --block_size must hold)
     try:
         if config.is_chat:
-            found, source = chat_source.conversations(config.input, config.dataset, config.val_fraction, bad)
+            found, source = chat_source.conversations(
+                config.input, config.dataset, config.val_fraction, bad, config.data_files
+            )
             encode = functools.partial(chat_source.encode_batch, block_size=config.block_size, truncate=config.truncate)
             examples = chat_source.accepted(bounded_imap(encode, chat_source.batches(found), num_proc), bad)
             eot = "starts each conversation and ends each assistant turn (jaxgpt.chat)"

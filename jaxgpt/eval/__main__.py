@@ -1,7 +1,7 @@
 """Evaluate a GPT: validation loss over token shards and/or HellaSwag accuracy.
 
     python -m jaxgpt.eval --init_from gpt2 --val_data data/fineweb10B --hellaswag
-    python -m jaxgpt.eval --init_from out/run1 --hellaswag ~/hellaswag_val.jsonl --results evals.jsonl
+    python -m jaxgpt.eval --init_from out/run1 --hellaswag ~/hellaswag_val.jsonl --results out/evals.jsonl
 
 ``--hellaswag`` without a path downloads the validation set once (cached); offline, pass a
 local copy. Prints a table and, with ``--results``, appends one JSON line per run.

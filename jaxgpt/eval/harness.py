@@ -164,7 +164,7 @@ class JaxGPTLM(TemplateLM):
         for i, request in enumerate(requests):
             groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
         out = [""] * len(requests)
-        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm)
+        bar = tqdm(total=len(requests), desc="generate_until", disable=True if disable_tqdm else None)
         for indices in groups.values():
             contexts = [requests[i].args[0] for i in indices]
             for i, text in zip(indices, self._generate_group(contexts, requests[indices[0]].args[1]), strict=True):

@@ -137,7 +137,7 @@ def score_rows(
     assert lengths.max(initial=1) <= scorer.block_size and lengths.min(initial=1) >= 1, (lengths.min(), lengths.max())
     order = np.argsort(-lengths, kind="stable")
     sums, is_greedy = np.zeros(len(rows)), np.zeros(len(rows), bool)
-    bar = tqdm(total=len(rows), desc=desc, unit="row", disable=not progress)
+    bar = tqdm(total=len(rows), desc=desc, unit="row", disable=None if progress else True)
     for first in range(0, len(rows), batch_rows):
         batch = order[first : first + batch_rows]
         length = next(b for b in buckets if b >= lengths[batch].max())

@@ -204,8 +204,8 @@ def _fits_without_remat(run_config: RunConfig, target: Target, devices: list) ->
 
 
 def format_plan(plan: Plan) -> str:
-    def rate(x: float | None, unit: str, scale: float = 1.0) -> str:
-        return "n/a (no peak known)" if x is None else f"{x / scale:,.3g} {unit}"
+    def rate(x: float, unit: str, scale: float = 1.0) -> str:
+        return f"{x / scale:,.3g} {unit}"
 
     remat = "XLA rematerialised to fit" if plan.xla_remat else "none by XLA"
     remat += ", jax.checkpoint per block (--remat)" if plan.jax_remat else ""
@@ -225,9 +225,13 @@ def format_plan(plan: Plan) -> str:
         f"HBM bytes per token {plan.bytes_per_token / 1e6:.2f} MB "
         f"(custom calls {plan.custom_call_bytes_per_token / 1e6:.2f} MB)",
         f"custom calls        {calls}",
-        f"roofline            step {rate(plan.roofline_step_s, 'ms', 1e-3)}, "
-        f"{rate(plan.roofline_tokens_per_s, 'tokens/s')}, MFU "
-        + ("n/a" if plan.roofline_mfu is None else f"{plan.roofline_mfu:.0%}"),
+        "roofline            "
+        + (
+            "n/a (no peak known for this device)"
+            if plan.roofline_step_s is None or plan.roofline_tokens_per_s is None
+            else f"step {rate(plan.roofline_step_s, 'ms', 1e-3)}, {rate(plan.roofline_tokens_per_s, 'tokens/s')}, "
+            + ("MFU n/a" if plan.roofline_mfu is None else f"MFU {plan.roofline_mfu:.0%}")
+        ),
     ]
     if plan.max_batch_size is not None:
         lines.append(f"largest micro-batch without remat: {plan.max_batch_size}")

@@ -17,6 +17,7 @@ from jaxgpt.sampling.config import SampleConfig
 from jaxgpt.sampling.generate import check_prompts, generate
 from jaxgpt.tokenizer.encoding import Tokenizer
 
+DEFAULT_NEW_TOKENS = 256  # without --max_new_tokens: this many, or fewer where the context has less room
 FILE_PREFIX = "FILE:"
 SEPARATOR = "---------------"
 PROMPT = "prompt> "  # what --interactive asks with on a terminal
@@ -52,8 +53,8 @@ class TextStream:
     """``generate``'s on_token for a batch of one: writes the text while its tokens arrive, after ``prompt``.
 
     A character split across tokens waits for its last byte. ``hide_eot``: the end-of-text token that ends a
-    sample is not shown; ``strip_space``: the first text's leading space is dropped (a chat answer, which the
-    template starts with one); ``close`` writes ``end``.
+    sample is not shown; ``strip_space``: leading whitespace is dropped (a chat answer: the
+    template's space, a speaker's newline); ``close`` writes ``end``.
     """
 
     def __init__(
@@ -76,8 +77,9 @@ class TextStream:
         if self.hide_eot and token == self.tokenizer.eot_id:
             return
         text = self._utf8.decode(self.tokenizer.decode_bytes([token]))
-        if self._strip_space and text:
-            text, self._strip_space = text.removeprefix(" "), False
+        if self._strip_space:  # until the first visible text: a model trained on plays may start with a newline
+            text = text.lstrip()
+            self._strip_space = not text
         self.out.write(text)
         self.out.flush()
 
@@ -92,7 +94,10 @@ def sample_prompt(
 ) -> None:
     """Writes ``config.num_samples`` continuations of ``prompt`` (text or FILE:path), each after the prompt."""
     prompt = load_prompt(prompt)
-    tokens = check_prompts(model, [tokenizer.encode(prompt, allow_eot=True)], config.max_new_tokens)[0]
+    encoded = tokenizer.encode(prompt, allow_eot=True) or [tokenizer.eot_id]
+    room = max(1, model.config.block_size - len(encoded))  # none left: check_prompts says so
+    max_new_tokens = config.max_new_tokens or min(DEFAULT_NEW_TOKENS, room)
+    tokens = check_prompts(model, [encoded], max_new_tokens)[0]
     kwargs = dict(
         temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
         stop_at_eot=config.stop_at_eot, mesh=mesh, eot_id=tokenizer.eot_id,
@@ -101,10 +106,10 @@ def sample_prompt(
     if config.stream:  # one sample at a time: the lines of samples streamed together would interleave
         for i in range(config.num_samples):
             stream = new_stream()
-            generate(model, [tokens], config.max_new_tokens, key=jax.random.fold_in(key, i), on_token=stream, **kwargs)
+            generate(model, [tokens], max_new_tokens, key=jax.random.fold_in(key, i), on_token=stream, **kwargs)
             stream.close()
         return
-    for row_tokens in generate(model, [tokens] * config.num_samples, config.max_new_tokens, key=key, **kwargs):
+    for row_tokens in generate(model, [tokens] * config.num_samples, max_new_tokens, key=key, **kwargs):
         stream = new_stream()
         for token in row_tokens:
             stream(0, token)

@@ -29,6 +29,7 @@ class TrainConfig:
     out_dir: str = option("out/shakespeare", "checkpoints, metrics.jsonl and the run description go here")
     init_from: str = option("scratch", "scratch, gpt2[-medium|-large|-xl], a HF GPT-2 dir or a jaxgpt out_dir")
     resume: bool = option(False, "continue the run in out_dir from its last checkpoint (also automatic if one exists)")
+    fresh: bool = option(False, "start over in out_dir: delete its checkpoints, metrics and run file first")
     reset_data: bool = option(False, "on resume, restart the data order from the first batch (e.g. after new data)")
     mesh: str | None = option(None, "device mesh DxM (data x model parallel); default: every device on data")
     fsdp: bool = option(False, "also shard parameters and optimizer state over the data axis (ZeRO-3)")
@@ -91,6 +92,8 @@ class TrainConfig:
                 raise UserError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         parse_profile_steps(self.profile_steps)
         check_tracker_installed(tensorboard=self.tensorboard, wandb_project=self.wandb_project)
+        if self.fresh and self.resume:
+            raise UserError("--fresh starts over and --resume continues: pass one of them")
         if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1:
             raise UserError(
                 f"need --muon_lr > 0 and 0 <= --muon_momentum < 1, got {self.muon_lr} and {self.muon_momentum}"
@@ -232,11 +235,20 @@ def parse_run_config(argv: Sequence[str] | None = None) -> RunConfig:
         raise UserError(f"unknown --preset {name!r}; choose one of {', '.join(RUN_PRESETS)}")
     train_base, model_base = RUN_PRESETS[name]
     model_fields = {f.name for f in dataclasses.fields(GPTConfig)}
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    train_flags = frozenset(k for k in vars(namespace) if k in {f.name for f in dataclasses.fields(TrainConfig)})
     return RunConfig(
-        train_config=build(TrainConfig, namespace, train_base),
+        train_config=_typed_length_wins(build(TrainConfig, namespace, train_base), train_flags),
         model_config=build(GPTConfig, namespace, model_base),
         model_flags=frozenset(k for k in vars(namespace) if k in model_fields),
-        train_flags=frozenset(k for k in vars(namespace) if k in train_fields),
+        train_flags=train_flags,
         launch_config=build(LaunchConfig, namespace),
     )
+
+
+def _typed_length_wins(cfg: TrainConfig, flags: frozenset[str]) -> TrainConfig:
+    """A --max_steps on the command line beats the --epochs a preset (sft) derives max_steps from."""
+    if {"max_steps", "epochs"} <= flags:
+        raise UserError("--max_steps and --epochs both set the run's length; pass one of them")
+    if "max_steps" in flags and cfg.epochs is not None:
+        return dataclasses.replace(cfg, epochs=None)
+    return cfg

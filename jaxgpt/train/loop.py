@@ -31,6 +31,7 @@ from jaxgpt.sampling.generate import generate
 from jaxgpt.tokenizer.encoding import EOT_ID, get_tokenizer
 from jaxgpt.train import metrics
 from jaxgpt.train.config import RunConfig, TrainConfig
+from jaxgpt.train.lifecycle import removed_if_left_empty, summary
 from jaxgpt.train.profiling import StepProfiler, parse_profile_steps
 from jaxgpt.train.setup import Run, describe, setup
 from jaxgpt.train.tracking import open_trackers
@@ -162,7 +163,8 @@ def train(run_config: RunConfig) -> dict[str, Any]:
     """
     distributed.initialize(run_config.launch_config)  # before anything touches a device
     out_dir = run_config.train_config.out_dir
-    with RunLock(out_dir) if distributed.is_main_process() else contextlib.nullcontext():
+    lock = RunLock(out_dir) if distributed.is_main_process() else contextlib.nullcontext()
+    with removed_if_left_empty(out_dir), lock:  # a run that fails to start leaves no empty folder
         return _train(run_config)
 
 
@@ -186,6 +188,7 @@ def default_hooks(run: Run, say: Callable[[str], None], trackers: Any) -> Hooks:
 
 
 def _train(run_config: RunConfig) -> dict[str, Any]:
+    began = time.perf_counter()
     run = setup(run_config)
     cfg = run.config
     is_main = distributed.is_main_process()
@@ -243,6 +246,9 @@ def _train(run_config: RunConfig) -> dict[str, Any]:
         profiler.stop()
         trackers.close()
         run.checkpointer.close()  # waits for the last asynchronous save: never exit with half a checkpoint
+    if is_main:
+        steps = cfg.max_steps - start
+        print(summary(cfg.out_dir, time.perf_counter() - began, steps, steps * timer.tokens_per_step, run.checkpointer))
     return record
 
 

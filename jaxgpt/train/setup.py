@@ -27,6 +27,7 @@ from jaxgpt.data.pipeline import DataConfig, make_train_iterator, open_examples,
 from jaxgpt.model.config import GPTConfig, runtime_fields, shape_fields
 from jaxgpt.model.params import ParamCodec
 from jaxgpt.train.config import RunConfig, TrainConfig
+from jaxgpt.train.lifecycle import check_not_complete, start_fresh
 from jaxgpt.train.step import TrainStep, build_step
 
 
@@ -61,6 +62,8 @@ def setup(run_config: RunConfig, devices: list | None = None) -> Run:
     """Builds the run; ``devices`` (default: all) is what ``--mesh`` must cover exactly."""
     cfg = run_config.train_config
     mesh = make_mesh(cfg.mesh, devices)
+    if cfg.fresh:
+        start_fresh(cfg.out_dir)
     make_run_dir(cfg.out_dir)
     checkpointer = Checkpointer(cfg.out_dir, keep_last=cfg.keep_checkpoints)
     try:
@@ -89,9 +92,14 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
     model_config, cfg = start.model_config, start.train_config
     check_dataset(cfg.data_dir, model_config.vocab_size)  # every input checked before anything is compiled
     check_batch_divisible(cfg.batch_size, mesh, "--batch_size")
-    data = DataConfig(cfg.data_dir, model_config.block_size, cfg.batch_size, cfg.seed, cfg.data_workers)
+    data = DataConfig(
+        cfg.data_dir, model_config.block_size, cfg.batch_size, cfg.seed, cfg.data_workers,
+        vocab_size=model_config.vocab_size,
+    )  # fmt: skip
     if cfg.epochs is not None:  # the step count follows from the number of examples
         cfg = cfg.for_examples(len(open_examples(cfg.data_dir, "train", model_config.block_size)))
+    if start.resume_step is not None:
+        check_not_complete(cfg.out_dir, start.resume_step, cfg.max_steps)
     step = build_step(model_config, cfg, mesh)
     resumed_from = None
     if start.resume_step is not None:  # restore into shapes only: nothing is initialised just to be overwritten
