@@ -15,7 +15,7 @@ import collections
 import dataclasses
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -118,14 +118,14 @@ class Engine:
         return self
 
     def submit(self, request: GenerationRequest, sink: Callable[[Update], None]) -> Ticket:
-        """Queues ``request``; ``sink`` gets its updates. Raises QueueFullError past ``max_queue`` waiting."""
+        """Queues ``request``; ``sink`` gets its updates. QueueFullError past ``max_queue`` beyond free slots."""
         assert len(request.prompt) >= 1 and len(request.prompt) + request.max_tokens <= self.max_len, request
         seed = random.getrandbits(32) if request.seed is None else request.seed % 2**32
         ticket = Ticket(request, sink, seed)
         with self.wake:
             if self.stopping:
                 raise QueueFullError("the server is shutting down")
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) >= self.max_queue + self.slots.count(None):
                 raise QueueFullError(f"{len(self.waiting)} requests are waiting for a slot already")
             self.waiting.append(ticket)
             self.wake.notify()
@@ -144,6 +144,21 @@ class Engine:
             self.wake.notify()
         if self.thread.is_alive():
             self.thread.join(timeout)
+
+    def score(self, prompt: Sequence[int], top: int) -> list[TokenLogprob | None]:
+        """Each prompt token's log-probability after the tokens before it, with ``top`` alternatives.
+
+        The first token has None (nothing predicts it), as OpenAI's ``echo`` with ``logprobs`` gives.
+        Thread-safe: called from the HTTP side, beside the running batch.
+        """
+        padded = np.zeros((1, self._bucket(len(prompt))), np.int32)
+        padded[0, : len(prompt)] = prompt
+        token, top_ids, top_logprobs = jax.device_get(self.fns.score(self.leaves, padded))
+        entries: list[TokenLogprob | None] = [None]
+        for i in range(1, len(prompt)):
+            alternatives = tuple(zip(top_ids[i - 1, :top].tolist(), top_logprobs[i - 1, :top].tolist(), strict=True))
+            entries.append(TokenLogprob(int(prompt[i]), float(token[i - 1]), alternatives))
+        return entries
 
     def stats(self) -> dict[str, int]:
         with self.wake:
@@ -219,9 +234,11 @@ class Engine:
                 admitted.append((slot, ticket))
         return admitted
 
+    def _bucket(self, length: int) -> int:
+        return next(b for b in self.buckets if b >= length)
+
     def _prefill(self, slot: int, prompt, length: int) -> Picked:
-        p = next(b for b in self.buckets if b >= length)
-        padded = np.zeros((1, p), np.int32)
+        padded = np.zeros((1, self._bucket(length)), np.int32)
         padded[0, :length] = prompt
         row_rules = RowRules(*(np.asarray(x[slot]) for x in self.rules))
         self.cache, self.tokens, picked = self.fns.prefill(
