@@ -10,6 +10,7 @@ SIGTERM (or Ctrl-C) stops accepting connections, lets every running request fini
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -64,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"serving {name} on http://{config.host}:{config.port} ({config.max_batch} slots)", file=sys.stderr, flush=True
     )
+    # uvicorn drains on SIGTERM, then raises it again for the handler it found: make that one a no-op, to exit 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         server.run()
     finally:
