@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 from flax import nnx
 
-from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPT
+from jaxgpt.model.config import GPTConfig
+from jaxgpt.model.gpt import GPT
 from jaxgpt.serve.app import create_app
 from jaxgpt.serve.engine import Engine
 

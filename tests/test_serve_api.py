@@ -8,9 +8,9 @@ import httpx
 import openai
 import pytest
 
-from jaxgpt.chat_template import render
-from jaxgpt.sampling import generate
-from jaxgpt.tokenizer import get_tokenizer
+from jaxgpt.chat.template import render
+from jaxgpt.sampling.generate import generate
+from jaxgpt.tokenizer.encoding import get_tokenizer
 from tests.serve_utils import MAX_LEN, MODEL_NAME, live_server, new_engine, tiny_model, wait_all_free
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a neural network?"}]

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgpt.decoding import decode as decode_chunk
-from jaxgpt.decoding import init_cache
-from jaxgpt.sampling import generate, left_pad, process_logits
+from jaxgpt.model.decoding import decode as decode_chunk
+from jaxgpt.model.decoding import init_cache
+from jaxgpt.sampling.generate import generate, left_pad, process_logits
 from jaxgpt.serve.device import filter_rows
 from jaxgpt.serve.engine import Engine, GenerationRequest, Update
 from jaxgpt.serve.text import TextTracker
-from jaxgpt.tokenizer import get_tokenizer
+from jaxgpt.tokenizer.encoding import get_tokenizer
 from tests.serve_utils import MAX_LEN, new_engine, tiny_model
 
 PROMPTS = [[464, 3290, 318], list(range(100, 116)), [50256, 7, 8, 9, 10, 11, 12, 13, 14]]

@@ -14,10 +14,10 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from jaxgpt.cli import parse, run
-from jaxgpt.config import DType
-from jaxgpt.errors import UserError
-from jaxgpt.options import option
+from jaxgpt.core.cli import parse, run
+from jaxgpt.core.errors import UserError
+from jaxgpt.core.options import option
+from jaxgpt.model.config import DType
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,10 +49,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = parse(ServeConfig, argv, prog="python -m jaxgpt.serve")
     import uvicorn
 
-    from jaxgpt.loading import load_model
+    from jaxgpt.checkpoints.loading import load_model
+    from jaxgpt.core.sharding import make_mesh, shard_model
     from jaxgpt.serve.app import create_app
     from jaxgpt.serve.engine import Engine
-    from jaxgpt.sharding import make_mesh, shard_model
 
     mesh = make_mesh(config.mesh) if config.mesh else None
     model = load_model(config.init_from, dtype=config.dtype)

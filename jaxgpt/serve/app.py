@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxgpt.serve import protocol as p
 from jaxgpt.serve.engine import Engine, GenerationRequest, QueueFullError, TokenLogprob, Update
-from jaxgpt.tokenizer import EOT_ID, get_tokenizer
+from jaxgpt.tokenizer.encoding import EOT_ID, get_tokenizer
 
 MAX_BODY_BYTES = 1 << 20  # 413 past this
 RETRY_AFTER_S = 1

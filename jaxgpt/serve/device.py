@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgpt.decoding import KVCache, decode, init_cache
-from jaxgpt.model import GPT
-from jaxgpt.sampling import CPU_DECODE_OPTIONS, _argmax, _nucleus_threshold
+from jaxgpt.model.decoding import KVCache, decode, init_cache
+from jaxgpt.model.gpt import GPT
+from jaxgpt.sampling.generate import CPU_DECODE_OPTIONS, _argmax, _nucleus_threshold
 
 Array = jax.Array
 TOP_LOGPROBS = 5  # the most alternatives a request may ask for per token (``logprobs``), as OpenAI's completions
@@ -46,7 +46,7 @@ class Picked(NamedTuple):
 def filter_rows(logits: Array, top_k: Array, top_p: Array) -> Array:
     """``logits`` [B, V] with tokens outside each row's top-k, then its top-p nucleus, at -inf.
 
-    As ``jaxgpt.sampling.process_logits`` (ties with the k-th kept), but k and p are per-row arrays:
+    As ``jaxgpt.sampling.generate.process_logits`` (ties with the k-th kept), but k and p are per-row arrays:
     the k-th largest probability is found by bisection, as the nucleus threshold is.
     """
     probs = jax.nn.softmax(logits, axis=-1)
@@ -106,7 +106,7 @@ class Compiled(NamedTuple):
 def compiled(graphdef: nnx.GraphDef, treedef: jax.tree_util.PyTreeDef) -> Compiled:
     """The jitted prefill (one compilation per prompt bucket), decode step (one) and prompt scoring.
 
-    Parameters come as a flat list of leaves (see ``jaxgpt.sampling._compiled`` for why); the
+    Parameters come as a flat list of leaves (see ``jaxgpt.sampling.generate._compiled`` for why); the
     cache and the batch's current tokens are donated and updated in place.
     """
     merge = lambda leaves: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))

@@ -22,14 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxgpt.decoding import init_cache
-from jaxgpt.errors import UserError
-from jaxgpt.model import GPT
-from jaxgpt.sampling import bucket_cache_len, bucket_prompt_len
+from jaxgpt.core.errors import UserError
+from jaxgpt.core.sharding import data_axis_size, kv_cache_sharding
+from jaxgpt.model.decoding import init_cache
+from jaxgpt.model.gpt import GPT
+from jaxgpt.sampling.generate import bucket_cache_len, bucket_prompt_len
 from jaxgpt.serve.device import Picked, RowRules, model_leaves
 from jaxgpt.serve.text import TextTracker
-from jaxgpt.sharding import data_axis_size, kv_cache_sharding
-from jaxgpt.tokenizer import EOT_ID
+from jaxgpt.tokenizer.encoding import EOT_ID
 
 
 class QueueFullError(Exception):

@@ -13,10 +13,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from jaxgpt.chat_template import ChatError, render
+from jaxgpt.chat.template import ChatError, render
 from jaxgpt.serve.device import TOP_LOGPROBS
 from jaxgpt.serve.engine import GenerationRequest, TokenLogprob
-from jaxgpt.tokenizer import EOT_ID, VOCAB_SIZE, get_tokenizer
+from jaxgpt.tokenizer.encoding import EOT_ID, VOCAB_SIZE, get_tokenizer
 
 ERROR_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import codecs
 from collections.abc import Sequence
 
-from jaxgpt.tokenizer import EOT_ID, get_tokenizer
+from jaxgpt.tokenizer.encoding import EOT_ID, get_tokenizer
 
 
 class TextTracker:
