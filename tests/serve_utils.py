@@ -1,9 +1,15 @@
-"""Shared by the serving tests: one tiny random GPT, an engine over it and a live server on loopback."""
+"""Shared by the serving tests: one tiny random GPT, an engine over it and a live server on loopback.
+
+Test modules load it as a plugin (``pytest_plugins``) for the fixtures ``model``, ``engine`` and ``url``:
+one of each per module, the engine with the module's ``MAX_BATCH`` slots.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
+import pytest
 from flax import nnx
 
 from jaxgpt.model.config import GPTConfig
@@ -21,6 +27,25 @@ def tiny_model(seed: int = 0) -> GPT:
     model = GPT(CONFIG, nnx.Rngs(seed))
     model.wpe.embedding.value = model.wpe.embedding.value * 10
     return model
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def engine(request, model) -> Iterator[Engine]:
+    """A started engine over ``model`` with the test module's ``MAX_BATCH`` slots (default 4)."""
+    engine = new_engine(model, max_batch=getattr(request.module, "MAX_BATCH", 4))
+    yield engine
+    engine.stop(10)
+
+
+@pytest.fixture(scope="module")
+def url(engine) -> Iterator[str]:
+    with live_server(engine) as url:
+        yield url
 
 
 def new_engine(model: GPT, max_batch: int = 4, max_queue: int = 64) -> Engine:

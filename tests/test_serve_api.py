@@ -11,27 +11,11 @@ import pytest
 from jaxgpt.chat.template import render
 from jaxgpt.sampling.generate import generate
 from jaxgpt.tokenizer.encoding import get_tokenizer
-from tests.serve_utils import MAX_LEN, MODEL_NAME, live_server, new_engine, tiny_model, wait_all_free
+from tests.serve_utils import MAX_LEN, MODEL_NAME, live_server, wait_all_free
+
+pytest_plugins = ("tests.serve_utils",)  # the module fixtures model, engine (MAX_BATCH slots) and url
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a neural network?"}]
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def engine(model):
-    engine = new_engine(model, max_batch=4)
-    yield engine
-    engine.stop(10)
-
-
-@pytest.fixture(scope="module")
-def url(engine):
-    with live_server(engine) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

@@ -19,23 +19,13 @@ from jaxgpt.serve.device import filter_rows
 from jaxgpt.serve.engine import Engine, GenerationRequest, Update
 from jaxgpt.serve.text import TextTracker
 from jaxgpt.tokenizer.encoding import get_tokenizer
-from tests.serve_utils import MAX_LEN, new_engine, tiny_model
+from tests.serve_utils import MAX_LEN
+
+pytest_plugins = ("tests.serve_utils",)  # the module fixtures model, engine (MAX_BATCH slots) and url
 
 PROMPTS = [[464, 3290, 318], list(range(100, 116)), [50256, 7, 8, 9, 10, 11, 12, 13, 14]]
 decode = nnx.jit(decode_chunk)
 forward = nnx.jit(lambda model, tokens: model(tokens))
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def engine(model):
-    engine = new_engine(model, max_batch=4)
-    yield engine
-    engine.stop(10)
 
 
 def run_all(engine: Engine, requests: list[GenerationRequest], delays: list[float] | None = None) -> list[list[Update]]:

@@ -16,27 +16,13 @@ import httpx
 import pytest
 
 from jaxgpt.convert import save_hf_gpt2
-from tests.serve_utils import MAX_LEN, live_server, new_engine, tiny_model, wait_all_free
+from tests.serve_utils import MAX_LEN, live_server, new_engine, wait_all_free
+
+pytest_plugins = ("tests.serve_utils",)  # the module fixtures model, engine (MAX_BATCH slots) and url
+
+MAX_BATCH = 8
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def engine(model):
-    engine = new_engine(model, max_batch=8, max_queue=64)
-    yield engine
-    engine.stop(10)
-
-
-@pytest.fixture(scope="module")
-def url(engine):
-    with live_server(engine) as url:
-        yield url
 
 
 async def stream_completion(client: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int) -> list[dict]:

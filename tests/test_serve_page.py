@@ -9,24 +9,15 @@ import time
 import openai
 import pytest
 
-from tests.serve_utils import MAX_LEN, MODEL_NAME, live_server, new_engine, tiny_model, wait_all_free
+from tests.serve_utils import MAX_LEN, MODEL_NAME, wait_all_free
+
+pytest_plugins = ("tests.serve_utils",)  # the module fixtures model, engine (MAX_BATCH slots) and url
+
+MAX_BATCH = 2
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver")
 STEP_DELAY_S = 0.05  # slows each decode step so that Stop lands mid-reply
-
-
-@pytest.fixture(scope="module")
-def engine():
-    engine = new_engine(tiny_model(), max_batch=2)
-    yield engine
-    engine.stop(10)
-
-
-@pytest.fixture(scope="module")
-def url(engine):
-    with live_server(engine) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")
