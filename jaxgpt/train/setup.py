@@ -184,6 +184,7 @@ def _resumed_train_config(run_config: RunConfig) -> TrainConfig:
 
 
 def describe(run: Run) -> str:
+    """The run's one-line summary printed before the first step."""
     model, resumed = run.model_config, run.resumed_from
     return (
         f"model: {model.n_layer} layers, {model.n_embd} wide, {model.block_size} context "
