@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jaxgpt.chat_template import ChatError, check_messages, fit_history, render
-from jaxgpt.errors import UserError
-from jaxgpt.tokenizer import EOT_ID, get_tokenizer
+from jaxgpt.chat.template import ChatError, check_messages, fit_history, render
+from jaxgpt.core.errors import UserError
+from jaxgpt.tokenizer.encoding import EOT_ID, get_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "You answer in one line."},

@@ -10,18 +10,18 @@ import jax
 import numpy as np
 import pytest
 
-from jaxgpt.chat_template import render
+from jaxgpt.chat.template import render
+from jaxgpt.checkpoints.state import init_train_state
 from jaxgpt.convert import load_hf_gpt2
+from jaxgpt.core.errors import UserError
 from jaxgpt.data.pipeline import Pairs, open_examples
 from jaxgpt.data.prepare import PrepareConfig, prepare
-from jaxgpt.errors import UserError
-from jaxgpt.optim import learning_rate_schedule, make_optimizer
-from jaxgpt.params import ParamCodec
+from jaxgpt.model.params import ParamCodec
 from jaxgpt.rl import DPO
-from jaxgpt.train_config import parse_run_config
-from jaxgpt.train_state import init_train_state
-from jaxgpt.train_step import make_train_step
-from jaxgpt.trainer import next_batch, setup
+from jaxgpt.train.config import parse_run_config
+from jaxgpt.train.optim import learning_rate_schedule, make_optimizer
+from jaxgpt.train.setup import next_batch, setup
+from jaxgpt.train.step import make_train_step
 from tests.hf_fixtures import make_hf_gpt2
 from tests.train_utils import logged_losses, run_train_cli
 
@@ -166,7 +166,7 @@ def test_loss_gradient_and_rewards_equal_trl(hf_pair: tuple[Path, Path], tmp_pat
     codec = ParamCodec(policy.config)
     schedule = learning_rate_schedule(1e-3, 1e-3, 0, 10)
     tx = make_optimizer(schedule)
-    step = jax.jit(make_train_step(codec, tx, schedule, DPO(beta)))
+    step = jax.jit(make_train_step(codec, tx, schedule, objective=DPO(beta)))
     for accum in (1, 2):  # accumulated micro-batches give the same means
         state = init_train_state(codec.to_flat(policy), tx, seed=0)
         micro = {k: v.reshape(accum, len(PAIRS) // accum, BLOCK) for k, v in batch.items()}
@@ -222,7 +222,6 @@ def test_train_cli_logs_trl_metrics_and_resumes_against_the_same_reference(
     out = tmp_path / "dpo"
     args = ["--preset", "dpo", "--init_from", str(hf_pair[0]), "--data_dir", str(pair_dir), "--out_dir", str(out)]
     args += ["--batch_size", "4", "--lr", "1e-3", "--log_interval", "1", "--eval_interval", "2", "--eval_iters", "1"]
-    args += ["--epochs", "none"]
     first = run_train_cli([*args, "--max_steps", "2", "--save_interval", "2"])
     assert first.returncode == 0, first.stderr[-2000:]
     resumed = run_train_cli([*args, "--max_steps", "4"])

@@ -10,16 +10,16 @@ import numpy as np
 import optax
 import pytest
 
+from jaxgpt.checkpoints.state import init_train_state
 from jaxgpt.convert import load_hf_gpt2
-from jaxgpt.errors import UserError
-from jaxgpt.optim import learning_rate_schedule, make_optimizer
-from jaxgpt.params import ParamCodec
+from jaxgpt.core.errors import UserError
+from jaxgpt.model.params import ParamCodec
 from jaxgpt.rl import rewards
 from jaxgpt.rl.__main__ import GRPOConfig, prompt_sets, run_grpo
-from jaxgpt.rl.grpo import GRPO, Rollout, group_advantages, prompt_tokens
-from jaxgpt.sampling import generate
-from jaxgpt.train_state import init_train_state
-from jaxgpt.train_step import make_train_step
+from jaxgpt.rl.grpo import GRPO, Rollout, group_advantages, prompt_tokens, token_log_probs
+from jaxgpt.sampling.generate import generate
+from jaxgpt.train.optim import learning_rate_schedule, make_optimizer
+from jaxgpt.train.step import make_train_step
 from tests.hf_fixtures import make_hf_gpt2
 
 GSM8K_ROWS = [  # rows as openai/gsm8k stores them
@@ -88,7 +88,7 @@ def test_advantages_and_loss_match_a_hand_computed_reference(tmp_path: Path) -> 
     tx = make_optimizer(schedule)
     state = init_train_state(codec.to_flat(model), tx, seed=0)
     params = codec.to_flat(model)
-    _, metrics = jax.jit(make_train_step(codec, tx, schedule, GRPO(kl_coef=0.1)))(state, batch, params)
+    _, metrics = jax.jit(make_train_step(codec, tx, schedule, objective=GRPO(kl_coef=0.1)))(state, batch, params)
     assert float(metrics["loss"]) == pytest.approx(expected_loss, abs=1e-6)
     assert float(metrics["kl"]) == pytest.approx(0.0, abs=1e-7)  # the reference is the policy
     # the gradient is that of the plain policy gradient -sum(A * log p) / completion tokens
@@ -98,9 +98,7 @@ def test_advantages_and_loss_match_a_hand_computed_reference(tmp_path: Path) -> 
 
 
 def token_logps_of(codec: ParamCodec, params: dict, batch: dict):
-    from jaxgpt.losses import model_log_probs
-
-    return model_log_probs(codec.to_model(params), batch["inputs"][0], batch["targets"][0])
+    return token_log_probs(codec.to_model(params), {k: v[0] for k, v in batch.items()})
 
 
 def test_a_tiny_run_learns_its_reward_and_resumes(tmp_path: Path) -> None:

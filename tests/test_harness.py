@@ -16,13 +16,13 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
 
-from jaxgpt.config import GPTConfig
 from jaxgpt.convert import save_hf_gpt2
-from jaxgpt.errors import UserError
+from jaxgpt.core.errors import UserError
 from jaxgpt.eval import harness
 from jaxgpt.eval.harness import JaxGPTLM
 from jaxgpt.eval.hellaswag import HellaSwagItem, score_endings
-from jaxgpt.model import GPT
+from jaxgpt.model.config import GPTConfig
+from jaxgpt.model.gpt import GPT
 
 BLOCK_SIZE = 64
 SENTENCES = [
@@ -42,7 +42,7 @@ def model_dir(tmp_path_factory) -> Path:
     """
     from transformers.integrations.tiktoken import convert_tiktoken_to_fast
 
-    from jaxgpt.tokenizer import get_tokenizer
+    from jaxgpt.tokenizer.encoding import get_tokenizer
 
     path = tmp_path_factory.mktemp("harness") / "gpt2-tiny"
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=BLOCK_SIZE), nnx.Rngs(0))

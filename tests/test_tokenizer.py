@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from jaxgpt import tokenizer as tokenizer_module
-from jaxgpt.tokenizer import EOT_ID, TokenizerUnavailableError, get_tokenizer
+from jaxgpt.tokenizer import encoding as tokenizer_module
+from jaxgpt.tokenizer.encoding import EOT_ID, TokenizerUnavailableError, get_tokenizer
 
 
 def test_gpt2_ids_and_round_trip(shared_data):

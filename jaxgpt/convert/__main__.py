@@ -13,14 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from jaxgpt.checkpoint import save_model
-from jaxgpt.cli import parse, run
+from jaxgpt.checkpoints.loading import load_model, save_model
+from jaxgpt.checkpoints.run_dir import is_run_dir
 from jaxgpt.convert import save_hf_gpt2
-from jaxgpt.errors import UserError
-from jaxgpt.loading import load_model
-from jaxgpt.options import option
-from jaxgpt.run_dir import is_run_dir
-from jaxgpt.swap import replace_dir, staging_dir
+from jaxgpt.core.cli import parse, run
+from jaxgpt.core.errors import UserError
+from jaxgpt.core.options import option
+from jaxgpt.core.swap import replace_dir, staging_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +42,8 @@ def check_destination(dst: Path, overwrite: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m jaxgpt.convert``: loads ``--src`` and writes it to ``--dst`` in the asked format, built aside
+    and swapped in whole."""
     args = parse(ConvertConfig, argv, prog="python -m jaxgpt.convert")
     dst = Path(args.dst)
     check_destination(dst, args.overwrite)

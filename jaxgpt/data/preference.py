@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxgpt import chat_template as chat
+from jaxgpt.chat import template as chat
 from jaxgpt.data import shards, sources
 from jaxgpt.data.chat_source import BadLine, BadLines, Encoded, file_records
 

@@ -11,7 +11,7 @@ the corpus size.
 
 Crash safety: the new dataset is built in a sibling folder, ``.DIR.partial/`` (shards,
 ``meta.json`` recording every shard, and hard links to any other files ``DIR`` held), which
-then replaces ``DIR`` in one rename (:mod:`jaxgpt.swap`). A run killed at any moment leaves
+then replaces ``DIR`` in one rename (:mod:`jaxgpt.core.swap`). A run killed at any moment leaves
 ``DIR`` as it was, old dataset intact, or wholly new; the next run clears the leftover folder.
 Training checks the shards against ``meta.json`` before it starts (:mod:`jaxgpt.data.meta`).
 """
@@ -32,15 +32,15 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 
-from jaxgpt import cli
-from jaxgpt.chat_template import TEMPLATE
+from jaxgpt.chat.template import TEMPLATE
+from jaxgpt.core import cli
+from jaxgpt.core.errors import UserError
+from jaxgpt.core.options import option
+from jaxgpt.core.swap import replace_dir, staging_dir
 from jaxgpt.data import chat_source, preference, shards, sources
 from jaxgpt.data.meta import META, shard_record, write_meta
 from jaxgpt.data.sources import Piece
-from jaxgpt.errors import UserError
-from jaxgpt.options import option
-from jaxgpt.swap import replace_dir, staging_dir
-from jaxgpt.tokenizer import get_tokenizer
+from jaxgpt.tokenizer.encoding import get_tokenizer
 
 WORK_CHARS = 1 << 20  # characters per task sent to a worker process
 
@@ -52,6 +52,9 @@ class PrepareConfig:
     input: str | None = option(None, "a UTF-8 text file, or a folder of .txt / .jsonl files (jsonl: a 'text' field)")
     dataset: Literal["shakespeare", "openwebtext", "fineweb", "fineweb-edu", "alpaca", "dolly"] | None = option(
         None, "a named dataset to download instead of --input (fineweb*: the sample-10BT subsets; alpaca, dolly: chat)"
+    )
+    data_files: str | None = option(
+        None, "with --dataset: its hub files (parquet/json) copied here, a file, glob or folder, read without a network"
     )
     format: Literal["text", "chat", "preference"] | None = option(
         None,
@@ -80,6 +83,8 @@ class PrepareConfig:
             raise UserError(f"--num_proc must be >= 0, got {self.num_proc}")
         if self.block_size < 2:
             raise UserError(f"--block_size must be at least 2, got {self.block_size}")
+        if self.data_files is not None and self.dataset in (None, "shakespeare"):
+            raise UserError("--data_files is a local copy of a hub dataset's files: use it with --dataset NAME")
         if self.format == "text" and self.dataset in chat_source.HUB_CHAT_DATASETS:
             raise UserError(f"--dataset {self.dataset} is a chat dataset: drop --format text")
         if self.format == "chat" and self.dataset is not None and self.dataset not in chat_source.HUB_CHAT_DATASETS:
@@ -90,18 +95,21 @@ class PrepareConfig:
 
     @property
     def is_chat(self) -> bool:
-        return self.format in ("chat", "preference") or (
-            self.format is None and self.dataset in chat_source.HUB_CHAT_DATASETS
-        )
+        """Whether the corpus is conversations (or preference pairs): --format chat or preference, or by default a
+        hub chat dataset."""
+        chat = self.format is None and self.dataset in chat_source.HUB_CHAT_DATASETS
+        return self.format in ("chat", "preference") or chat
 
     @property
     def dataset_name(self) -> str:
+        """The shards' file-name prefix: --name, else the hub dataset's name or the input file's stem."""
         if self.name:
             return self.name
         return self.dataset or Path(self.input).resolve().stem  # type: ignore[arg-type]
 
     @property
     def output_dir(self) -> Path:
+        """Where the shards go: --out_dir, else data/<dataset_name>."""
         return Path(self.out_dir) if self.out_dir else Path("data") / self.dataset_name
 
 
@@ -112,8 +120,9 @@ def corpus_pieces(config: PrepareConfig, out_dir: Path) -> tuple[Iterator[Piece]
         return sources.single_text_pieces(path, config.val_fraction), sources.SHAKESPEARE_URL, False
     if config.dataset is not None:
         repo, subset = sources.HUB_DATASETS[config.dataset]
-        documents = sources.hub_documents(config.dataset)
-        return sources.document_pieces(documents, config.val_fraction), f"hf://{repo}/{subset or ''}", True
+        documents = sources.hub_documents(config.dataset, config.data_files)
+        source = config.data_files or f"hf://{repo}/{subset or ''}"
+        return sources.document_pieces(documents, config.val_fraction), source, True
     path = Path(config.input)  # type: ignore[arg-type]
     if path.is_file():
         return sources.single_text_pieces(path, config.val_fraction), str(path), False
@@ -186,6 +195,7 @@ class ShardWriter:
         self.records: list[dict[str, Any]] = []  # meta.json's entry for each shard written
 
     def add(self, tokens: np.ndarray, labels: np.ndarray | None = None) -> None:
+        """Appends tokens (and, for chat, their loss labels) to the split, writing each shard as it fills."""
         assert tokens.dtype == np.uint16 and tokens.ndim == 1, (tokens.dtype, tokens.shape)
         assert labels is None or labels.shape == tokens.shape, (labels.shape, tokens.shape)
         if self.buffer is None:
@@ -204,6 +214,7 @@ class ShardWriter:
                 self.flush()
 
     def flush(self) -> None:
+        """Writes the partly filled shard, if any, and records it for meta.json."""
         if not self.filled:
             return
         path = self.directory / shards.shard_name(self.name, self.split, len(self.paths))
@@ -256,6 +267,7 @@ def publish(staging: Path, out_dir: Path, name: str, meta: dict[str, Any]) -> No
 
 
 def check_not_empty(writers: dict[str, ShardWriter], val_fraction: float, source: str) -> None:
+    """A UserError if the corpus gave no tokens to train on, or none for a val split that was asked for."""
     if writers["train"].num_tokens == 0:
         raise UserError(f"{source} holds no text: 0 tokens to train on")
     if val_fraction > 0 and writers["val"].num_tokens == 0:
@@ -274,11 +286,13 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     longest = 0  # chat: tokens of the longest conversation (what --block_size must hold)
     try:
         if config.is_chat:
-            source_module = preference if config.format == "preference" else chat_source
-            if source_module is preference:
+            if config.format == "preference":
                 found, source = preference.pairs(config.input, config.val_fraction, bad)  # type: ignore[arg-type]
             else:
-                found, source = chat_source.conversations(config.input, config.dataset, config.val_fraction, bad)
+                found, source = chat_source.conversations(
+                    config.input, config.dataset, config.val_fraction, bad, config.data_files
+                )
+            source_module = preference if config.format == "preference" else chat_source
             encode = functools.partial(
                 source_module.encode_batch, block_size=config.block_size, truncate=config.truncate
             )
@@ -326,6 +340,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m jaxgpt.data.prepare``: tokenises a corpus into shards and says what it wrote."""
     config = cli.parse(PrepareConfig, argv, prog="python -m jaxgpt.data.prepare")
     meta = prepare(config)
     counts = {split: meta["splits"][split] for split in shards.SPLITS}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxgpt.errors import UserError
+from jaxgpt.core.errors import UserError
 
 MAGIC = 20240520
 VERSION = 1
@@ -42,6 +42,7 @@ class ShardError(UserError):
 
 
 def shard_name(name: str, split: str, index: int) -> str:
+    """The file name of a split's shard ``index``: ``<name>_<split>_<index:06d>.bin``, which sorts in order."""
     assert split in SPLITS, split
     return f"{name}_{split}_{index:06d}.bin"
 

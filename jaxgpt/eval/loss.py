@@ -29,11 +29,11 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from jaxgpt.core.errors import UserError
 from jaxgpt.data.pipeline import Conversations, TokenStream
 from jaxgpt.data.shards import list_shards
-from jaxgpt.errors import UserError
 from jaxgpt.eval.scoring import RowScorer, pack_rows
-from jaxgpt.model import GPT
+from jaxgpt.model.gpt import GPT
 
 
 def window_batch(stream: TokenStream, first_window: int, batch_size: int, block_size: int, end: int):
@@ -93,7 +93,7 @@ def evaluate_loss(
 
     num_windows = -(-num_tokens // block_size)
     total_log_likelihood, counted = 0.0, 0
-    bar = tqdm(total=num_tokens, desc=f"{split} loss", unit="tok", unit_scale=True, disable=not progress)
+    bar = tqdm(total=num_tokens, desc=f"{split} loss", unit="tok", unit_scale=True, disable=None if progress else True)
     for first in range(0, num_windows, batch_size):
         inputs, targets, weights = window_batch(stream, first, batch_size, block_size, end)
         total_log_likelihood += scorer(inputs, targets, weights).sum()
@@ -111,7 +111,9 @@ def conversation_loss(
     """Mean loss over the masked targets of the first conversations (all, or ``max_batches`` batches of them)."""
     count = len(conversations) if max_batches is None else min(len(conversations), max_batches * batch_size)
     total_log_likelihood, scored = 0.0, 0.0
-    for first in tqdm(range(0, count, batch_size), desc="conversations", unit="batch", disable=not progress):
+    for first in tqdm(
+        range(0, count, batch_size), desc="conversations", unit="batch", disable=None if progress else True
+    ):
         batch = conversations.batch(np.arange(first, min(first + batch_size, count)))
         missing = ((0, batch_size - len(batch["inputs"])), (0, 0))  # the last batch: rows of weight 0
         inputs, targets, weights = (np.pad(batch[k], missing) for k in ("inputs", "targets", "weights"))

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from jaxgpt.rl.dpo import DPO
-from jaxgpt.train_config import TrainConfig
+from jaxgpt.train.config import TrainConfig
 
 
 def objective_for(config: TrainConfig) -> DPO | None:

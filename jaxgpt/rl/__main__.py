@@ -20,20 +20,17 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxgpt import cli
-from jaxgpt.checkpoint import Checkpointer
-from jaxgpt.errors import UserError
-from jaxgpt.loading import load_model
-from jaxgpt.optim import optimizer_from_config
-from jaxgpt.options import option
-from jaxgpt.params import ParamCodec
+from jaxgpt.checkpoints.checkpointer import Checkpointer
+from jaxgpt.checkpoints.loading import load_model
+from jaxgpt.checkpoints.run_dir import MetricsWriter, RunLock, make_run_dir, write_run_file
+from jaxgpt.core import cli
+from jaxgpt.core.errors import UserError
+from jaxgpt.core.options import option
+from jaxgpt.core.sharding import accumulated_batch_sharding, check_batch_divisible, make_mesh
 from jaxgpt.rl.grpo import GRPO, pass_at_1, rollout
 from jaxgpt.rl.rewards import hub_prompts, load_reward, read_prompts
-from jaxgpt.run_dir import MetricsWriter, RunLock, make_run_dir, write_run_file
-from jaxgpt.sharding import accumulated_batch_sharding, check_batch_divisible, make_mesh
-from jaxgpt.train_config import TrainConfig
-from jaxgpt.train_state import init_train_state
-from jaxgpt.train_step import jit_train_step, make_train_step, train_state_shardings
+from jaxgpt.train.config import TrainConfig
+from jaxgpt.train.step import build_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,31 +120,25 @@ def run_grpo(cfg: GRPOConfig) -> dict[str, Any]:
     make_run_dir(cfg.out_dir)
     with RunLock(cfg.out_dir):
         start = load_model(cfg.init_from, dropout=0.0)
-        codec = ParamCodec(start.config)
-        host = codec.to_host(start)
-        schedule, tx = optimizer_from_config(train_cfg)
-        shardings = train_state_shardings(codec, tx, mesh, cfg.fsdp)
+        step = build_step(
+            start.config, train_cfg, mesh, objective=GRPO(cfg.epsilon, cfg.kl_coef), reference=cfg.kl_coef > 0
+        )
         checkpointer = Checkpointer(cfg.out_dir, keep_last=3)
         try:
-            return _loop(
-                cfg, train_cfg, mesh, codec, host, tx, schedule, shardings, checkpointer, records, held_out, reward
-            )
+            return _loop(cfg, train_cfg, step, step.codec.to_host(start), checkpointer, records, held_out, reward)
         finally:
             checkpointer.close()
 
 
-def _loop(cfg, train_cfg, mesh, codec, host, tx, schedule, shardings, checkpointer, records, held_out, reward):
+def _loop(cfg, train_cfg, step, host, checkpointer, records, held_out, reward) -> dict[str, Any]:
+    codec, mesh = step.codec, step.runtime.mesh
     latest = checkpointer.latest_step()
     if latest is not None:
-        abstract = jax.eval_shape(lambda p: init_train_state(p, tx, cfg.seed), codec.abstract)
-        state, _ = checkpointer.restore(latest, abstract, shardings)
+        state, _ = checkpointer.restore(latest, step.abstract_state(cfg.seed), step.shardings)
     else:
-        params = jax.device_put(host, shardings.params)
-        state = jax.jit(lambda p: init_train_state(p, tx, cfg.seed), out_shardings=shardings)(params)
-    reference = jax.device_put(host, shardings.params) if cfg.kl_coef > 0 else None
-    step_fn = jit_train_step(
-        make_train_step(codec, tx, schedule, GRPO(cfg.epsilon, cfg.kl_coef)), shardings, mesh, reference
-    )
+        state = step.init_state(jax.device_put(host, step.shardings.params), cfg.seed)
+    reference = jax.device_put(host, step.shardings.params) if cfg.kl_coef > 0 else None
+    step_fn = step.fn if reference is None else step.with_reference(reference).fn
     meta = {"model": codec.config.to_dict(), "train": {**train_cfg.to_dict(), "grpo": dataclasses.asdict(cfg)}}
     write_run_file(cfg.out_dir, codec.config, meta["train"])
     writer = MetricsWriter(cfg.out_dir)
@@ -167,11 +158,11 @@ def _loop(cfg, train_cfg, mesh, codec, host, tx, schedule, shardings, checkpoint
         tqdm.write(f"step 0: held-out pass@1 {initial['pass@1']:.3f}")
     record: dict[str, Any] = {}
     bar = tqdm(total=cfg.max_steps, initial=first, disable=None, unit="step", dynamic_ncols=True)
-    for step in range(first, cfg.max_steps):
+    for index in range(first, cfg.max_steps):
         begin = time.perf_counter()
         model = codec.to_model(state.params)
-        key = jax.random.fold_in(jax.random.key(cfg.seed), step)
-        prompts = step_prompts(records, cfg, step)
+        key = jax.random.fold_in(jax.random.key(cfg.seed), index)
+        prompts = step_prompts(records, cfg, index)
         sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, key=key)
         sampling["mesh"] = mesh
         samples = rollout(model, prompts, reward, group_size=cfg.group_size, **sampling)
@@ -179,7 +170,7 @@ def _loop(cfg, train_cfg, mesh, codec, host, tx, schedule, shardings, checkpoint
         sharding = accumulated_batch_sharding(mesh)
         batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
         state, metrics = step_fn(state, batch)
-        done, last = step + 1, step + 1 == cfg.max_steps
+        done, last = index + 1, index + 1 == cfg.max_steps
         bar.update(1)
         record = {}
         if done % cfg.log_interval == 0 or last:

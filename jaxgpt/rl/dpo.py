@@ -21,28 +21,31 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxgpt.core.errors import UserError
+from jaxgpt.core.platform import Runtime, local_runtime
+from jaxgpt.core.sharding import batch_sharding
 from jaxgpt.data.pipeline import Pairs, open_examples
-from jaxgpt.errors import UserError
-from jaxgpt.losses import model_log_probs
-from jaxgpt.model import GPT
-from jaxgpt.params import ParamCodec, Params
-from jaxgpt.sharding import batch_sharding, on_mesh
-from jaxgpt.train_step import Batch, step_model
+from jaxgpt.model.gpt import GPT
+from jaxgpt.model.losses import model_weighted_nll
+from jaxgpt.model.params import ParamCodec, Params
+from jaxgpt.train.step import Batch
 
 HALVES = ("chosen", "rejected")
 
 
-def sequence_log_probs(model: GPT, inputs: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+def sequence_log_probs(
+    model: GPT, inputs: jax.Array, targets: jax.Array, weights: jax.Array, runtime: Runtime | None = None
+) -> jax.Array:
     """sum(weights * log p(target)) per row, float32 [B]: a completion's log-probability."""
-    return (model_log_probs(model, inputs, targets) * weights).sum(axis=-1)
+    return -model_weighted_nll(model, inputs, targets, weights, None, runtime, axis=-1)
 
 
-def pair_log_probs(model: GPT, batch: Batch) -> tuple[jax.Array, jax.Array]:
+def pair_log_probs(model: GPT, batch: Batch, runtime: Runtime | None = None) -> tuple[jax.Array, jax.Array]:
     """(chosen, rejected) sequence log-probs [B] of a pair batch, in one forward pass over both halves."""
     inputs, targets, weights = (
         jnp.concatenate([batch[f"{h}_{k}"] for h in HALVES]) for k in ("inputs", "targets", "weights")
     )
-    chosen, rejected = jnp.split(sequence_log_probs(model, inputs, targets, weights), 2)
+    chosen, rejected = jnp.split(sequence_log_probs(model, inputs, targets, weights, runtime), 2)
     return chosen, rejected
 
 
@@ -64,7 +67,7 @@ def dpo_loss(
 
 @dataclasses.dataclass(frozen=True)
 class DPO:
-    """The DPO objective for ``jaxgpt.train_step.make_train_step``: batches of pairs, a frozen reference."""
+    """The DPO objective for ``jaxgpt.train.step.make_train_step``: batches of pairs, a frozen reference."""
 
     beta: float = 0.1
 
@@ -78,10 +81,10 @@ class DPO:
         accum, pairs = batch["chosen_inputs"].shape[:2]
         return 1.0 / (accum * pairs)  # the step's loss and metrics: means over its pairs
 
-    def loss(self, model: GPT, micro: Batch, key: jax.Array | None, reference: GPT | None):
+    def loss(self, model: GPT, micro: Batch, key: jax.Array | None, reference: GPT | None, runtime: Runtime):
         assert reference is not None, "DPO needs the reference model"
-        ref_chosen, ref_rejected = jax.lax.stop_gradient(pair_log_probs(reference, micro))
-        losses, metrics = dpo_loss(*pair_log_probs(model, micro), ref_chosen, ref_rejected, self.beta)
+        ref_chosen, ref_rejected = jax.lax.stop_gradient(pair_log_probs(reference, micro, runtime))
+        losses, metrics = dpo_loss(*pair_log_probs(model, micro, runtime), ref_chosen, ref_rejected, self.beta)
         return losses.sum(), {name: value.sum() for name, value in metrics.items()}
 
     def evaluate(self, codec: ParamCodec, params: Params, reference: Params, data_dir: str, **kwargs) -> dict:
@@ -89,12 +92,15 @@ class DPO:
 
 
 @functools.lru_cache(maxsize=8)
-def _pair_scorer(codec: ParamCodec, beta: float, mesh: Mesh | None):
-    def score(params: Params, reference: Params, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-        ref = pair_log_probs(step_model(codec, reference), batch)
-        return dpo_loss(*pair_log_probs(step_model(codec, params), batch), *ref, beta)
+def _pair_scorer(codec: ParamCodec, beta: float):
+    """Per-pair losses and rewards, compiled once; XLA partitions it over the arrays' shardings."""
 
-    return jax.jit(score if mesh is None else on_mesh(score, mesh))
+    def score(params: Params, reference: Params, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+        runtime = local_runtime()
+        ref = pair_log_probs(codec.to_model(reference), batch, runtime)
+        return dpo_loss(*pair_log_probs(codec.to_model(params), batch, runtime), *ref, beta)
+
+    return jax.jit(score)
 
 
 def evaluate_dpo(
@@ -114,7 +120,7 @@ def evaluate_dpo(
     if not isinstance(pairs, Pairs):
         raise UserError(f"{data_dir} holds no preference pairs; prepare it with --format preference")
     count = len(pairs) if max_batches is None else min(len(pairs), max_batches * batch_size)
-    score = _pair_scorer(codec, beta, mesh)
+    score = _pair_scorer(codec, beta)
     totals: dict[str, float] = {}
     for first in range(0, count, batch_size):
         ids = np.minimum(np.arange(first, first + batch_size), count - 1)

@@ -21,13 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt import chat_template as chat
-from jaxgpt.losses import model_log_probs
-from jaxgpt.model import GPT
+from jaxgpt.chat import template as chat
+from jaxgpt.core.platform import Runtime
+from jaxgpt.model.gpt import GPT
+from jaxgpt.model.losses import model_weighted_nll
 from jaxgpt.rl.rewards import Reward, prompt_messages
-from jaxgpt.sampling import generate
+from jaxgpt.sampling.generate import generate
 from jaxgpt.tokenizer import EOT_ID, get_tokenizer
-from jaxgpt.train_step import Batch
+from jaxgpt.train.step import Batch
 
 ADVANTAGE_EPS = 1e-4  # TRL's: (r - mean) / (std + 1e-4)
 
@@ -56,7 +57,7 @@ def grpo_token_loss(
 
 @dataclasses.dataclass(frozen=True)
 class GRPO:
-    """The GRPO objective for ``jaxgpt.train_step.make_train_step``: rollouts with token advantages."""
+    """The GRPO objective for ``jaxgpt.train.step.make_train_step``: rollouts with token advantages."""
 
     epsilon: float = 0.2
     kl_coef: float = 0.0
@@ -64,16 +65,18 @@ class GRPO:
     def scale(self, batch: Batch) -> jax.Array:
         return 1.0 / jnp.maximum(batch["weights"].sum(), 1.0)  # the mean over every completion token of the step
 
-    def loss(self, model: GPT, micro: Batch, key: jax.Array | None, reference: GPT | None):
+    def loss(self, model: GPT, micro: Batch, key: jax.Array | None, reference: GPT | None, runtime: Runtime):
         weights = micro["weights"]
-        logps = model_log_probs(model, micro["inputs"], micro["targets"])
-        ref = (
-            None
-            if reference is None
-            else jax.lax.stop_gradient(model_log_probs(reference, micro["inputs"], micro["targets"]))
-        )
+        logps = token_log_probs(model, micro, runtime)
+        ref = None if reference is None else jax.lax.stop_gradient(token_log_probs(reference, micro, runtime))
         loss, kl = grpo_token_loss(logps, micro["advantages"], self.epsilon, self.kl_coef, ref)
         return (loss * weights).sum(), {"kl": (kl * weights).sum()}
+
+
+def token_log_probs(model: GPT, micro: Batch, runtime: Runtime | None = None) -> jax.Array:
+    """log p(target) at every position, float32 [B, T]."""
+    ones = jnp.ones(micro["targets"].shape, jnp.float32)
+    return -model_weighted_nll(model, micro["inputs"], micro["targets"], ones, None, runtime, axis=())
 
 
 def prompt_tokens(records: Sequence[dict[str, Any]]) -> list[list[int]]:

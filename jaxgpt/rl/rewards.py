@@ -17,9 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jaxgpt import chat_template as chat
+from jaxgpt.chat import template as chat
+from jaxgpt.core.errors import UserError
 from jaxgpt.data import sources
-from jaxgpt.errors import UserError
 
 Reward = Callable[[dict[str, Any], str], float]
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
