@@ -19,8 +19,9 @@ from jaxgpt.data.prepare import PrepareConfig, prepare
 from jaxgpt.model.params import ParamCodec
 from jaxgpt.rl import DPO
 from jaxgpt.train.config import parse_run_config
+from jaxgpt.train.loop import next_batch
 from jaxgpt.train.optim import learning_rate_schedule, make_optimizer
-from jaxgpt.train.setup import next_batch, setup
+from jaxgpt.train.setup import setup
 from jaxgpt.train.step import make_train_step
 from tests.hf_fixtures import make_hf_gpt2
 from tests.train_utils import logged_losses, run_train_cli
