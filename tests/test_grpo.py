@@ -111,13 +111,23 @@ def test_a_tiny_run_learns_its_reward_and_resumes(tmp_path: Path) -> None:
         eval_prompts=str(prompts),
         reward="tests.test_grpo:vowel_share",
     )
-    args.update(group_size=8, prompts_per_step=4, max_new_tokens=8, lr=3e-2, kl_coef=0.05, top_k=10, eval_interval=0)
+    args.update(
+        group_size=8,
+        prompts_per_step=4,
+        max_new_tokens=8,
+        lr=3e-2,
+        min_lr=3e-2,
+        kl_coef=0.05,
+        top_k=10,
+        eval_interval=0,
+    )
     run_grpo(GRPOConfig(**args, out_dir=str(tmp_path / "run"), max_steps=16, save_interval=8))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     rewards_by_step = [r["reward"] for r in records if "reward" in r]
     assert np.mean(rewards_by_step[-4:]) > np.mean(rewards_by_step[:4]) + 0.08, rewards_by_step
     assert records[0]["step"] == 0 and "pass@1" in records[0] and records[-1]["kl"] > 0
-    # stopped at step 8 and resumed: the same prompts, samples and updates as the run that never stopped
+    # stopped at step 8 and resumed (a flat learning rate, as the first part is its own 8-step run): the same
+    # prompts, samples and updates as the run that never stopped
     run_grpo(GRPOConfig(**args, out_dir=str(tmp_path / "resumed"), max_steps=8, save_interval=8))
     resumed = run_grpo(GRPOConfig(**args, out_dir=str(tmp_path / "resumed"), max_steps=16, save_interval=8))
     for name in ("loss", "reward", "kl", "grad_norm", "completion_length"):
