@@ -33,7 +33,7 @@ def vowel_share(record: dict, completion: str) -> float:
     return sum(c in "aeiou" for c in completion) / max(len(completion), 1)
 
 
-def test_exact_match_reads_gsm8k_answers(tmp_path: Path, monkeypatch) -> None:
+def test_exact_match_reads_gsm8k_answers(tmp_path: Path) -> None:
     assert rewards.final_number("so 12 + 3 = 15\n#### 15") == "15"
     assert rewards.exact_match(GSM8K_ROWS[1], "200 sold leaves 1000. #### 1000") == 1.0
     assert rewards.exact_match(GSM8K_ROWS[0], "I think 7 or maybe 8") == 0.0  # the last number counts without ####
@@ -41,10 +41,13 @@ def test_exact_match_reads_gsm8k_answers(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "gsm8k.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in GSM8K_ROWS))
     assert rewards.read_prompts(str(path)) == GSM8K_ROWS
-    monkeypatch.setattr(
-        rewards.sources, "hub_rows", lambda repo, subset, split: iter(GSM8K_ROWS if split == "test" else GSM8K_ROWS * 2)
-    )
-    train, held_out = prompt_sets(GRPOConfig(dataset="gsm8k", prompts_per_step=2))  # fmt: skip
+    import pandas as pd  # GSM8K's hub files are parquet: one per split
+
+    for split, rows in (("train", GSM8K_ROWS * 2), ("test", GSM8K_ROWS)):
+        pd.DataFrame(rows).to_parquet(tmp_path / f"{split}-00000-of-00001.parquet")
+    files = dict(data_files=str(tmp_path / "train-00000-of-00001.parquet"))
+    files["eval_data_files"] = str(tmp_path / "test-00000-of-00001.parquet")
+    train, held_out = prompt_sets(GRPOConfig(dataset="gsm8k", prompts_per_step=2, **files))
     assert len(train) == 4 and held_out == GSM8K_ROWS
     assert rewards.load_reward("tests.test_grpo:vowel_share")({}, "ab") == 0.5
     (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\n')
