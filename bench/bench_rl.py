@@ -1,6 +1,6 @@
 """Learning from feedback on this CPU: DPO teaches an SFT'd model a property its SFT data lacks.
 
-python bench/bench_rl.py [--work DIR]
+python -m bench.bench_rl [--work DIR] [--reuse_sft]   # from the repo root
 
 A small model is SFT'd from scratch on synthetic sums ("Add 12 and 7." -> "The sum is 19.");
 then DPO on pairs of the same prompts where the chosen reply adds a sign-off (" Cheers!") and the
@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--work", default="out/bench_rl")
     parser.add_argument("--sft_epochs", type=float, default=30)
     parser.add_argument("--dpo_epochs", type=float, default=2)
+    parser.add_argument("--reuse_sft", action="store_true", help="keep the SFT run already in --work (no SFT time)")
     args = parser.parse_args()
     work = (ROOT / args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -78,7 +79,7 @@ def main() -> None:
     sh(*prepare, "--input", sft_file, "--format", "chat", "--out_dir", str(work / "data_sft"))
     sh(*prepare, "--input", dpo_file, "--format", "preference", "--out_dir", str(work / "data_dpo"))
     common = ["--batch_size", "16", "--eval_interval", "0", "--eval_iters", "1", "--log_interval", "20", "--fresh"]
-    sft_s = sh("train.py", "--preset", "sft", "--init_from", "scratch", *MODEL, "--data_dir", str(work / "data_sft"),
+    sft_s = 0.0 if args.reuse_sft else sh("train.py", "--preset", "sft", "--init_from", "scratch", *MODEL, "--data_dir", str(work / "data_sft"),
                "--out_dir", str(work / "sft"), "--epochs", str(args.sft_epochs), "--lr", "3e-3", "--min_lr", "3e-4",
                "--warmup_steps", "10", *common)  # fmt: skip
     records = [{"prompt": q, "answer": 0} for q, _ in held_out]
