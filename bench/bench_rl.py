@@ -79,9 +79,10 @@ def main() -> None:
     sh(*prepare, "--input", sft_file, "--format", "chat", "--out_dir", str(work / "data_sft"))
     sh(*prepare, "--input", dpo_file, "--format", "preference", "--out_dir", str(work / "data_dpo"))
     common = ["--batch_size", "16", "--eval_interval", "0", "--eval_iters", "1", "--log_interval", "20", "--fresh"]
-    sft_s = 0.0 if args.reuse_sft else sh("train.py", "--preset", "sft", "--init_from", "scratch", *MODEL, "--data_dir", str(work / "data_sft"),
-               "--out_dir", str(work / "sft"), "--epochs", str(args.sft_epochs), "--lr", "3e-3", "--min_lr", "3e-4",
-               "--warmup_steps", "10", *common)  # fmt: skip
+    sft = ["train.py", "--preset", "sft", "--init_from", "scratch", *MODEL, "--data_dir", str(work / "data_sft"),
+           "--out_dir", str(work / "sft"), "--epochs", str(args.sft_epochs), "--lr", "3e-3", "--min_lr", "3e-4",
+           "--warmup_steps", "10", *common]  # fmt: skip
+    sft_s = 0.0 if args.reuse_sft else sh(*sft)
     records = [{"prompt": q, "answer": 0} for q, _ in held_out]
     before = measure(work / "sft", records, work / "data_sft")
     dpo_s = sh("train.py", "--preset", "dpo", "--init_from", str(work / "sft"), "--data_dir", str(work / "data_dpo"),
