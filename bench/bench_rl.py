@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--work", default="out/bench_rl")
     parser.add_argument("--sft_epochs", type=float, default=30)
     parser.add_argument("--dpo_epochs", type=float, default=2)
+    parser.add_argument("--dpo_lr", default="1e-4")
     parser.add_argument("--reuse_sft", action="store_true", help="keep the SFT run already in --work (no SFT time)")
     args = parser.parse_args()
     work = (ROOT / args.work).resolve()
@@ -86,7 +87,7 @@ def main() -> None:
     records = [{"prompt": q, "answer": 0} for q, _ in held_out]
     before = measure(work / "sft", records, work / "data_sft")
     dpo_s = sh("train.py", "--preset", "dpo", "--init_from", str(work / "sft"), "--data_dir", str(work / "data_dpo"),
-               "--out_dir", str(work / "dpo"), "--epochs", str(args.dpo_epochs), "--lr", "1e-3", *common)  # fmt: skip
+               "--out_dir", str(work / "dpo"), "--epochs", str(args.dpo_epochs), "--lr", args.dpo_lr, *common)  # fmt: skip
     after = measure(work / "dpo", records, work / "data_sft")
     print("| stage | wall s | greedy replies with the sign-off | SFT val loss |\n| --- | --- | --- | --- |")
     for stage, seconds, m in (
