@@ -86,8 +86,9 @@ def main() -> None:
     sft_s = 0.0 if args.reuse_sft else sh(*sft)
     records = [{"prompt": q, "answer": 0} for q, _ in held_out]
     before = measure(work / "sft", records, work / "data_sft")
-    dpo_s = sh("train.py", "--preset", "dpo", "--init_from", str(work / "sft"), "--data_dir", str(work / "data_dpo"),
-               "--out_dir", str(work / "dpo"), "--epochs", str(args.dpo_epochs), "--lr", args.dpo_lr, *common)  # fmt: skip
+    dpo = ["train.py", "--preset", "dpo", "--init_from", str(work / "sft"), "--data_dir", str(work / "data_dpo"),
+           "--out_dir", str(work / "dpo"), "--epochs", str(args.dpo_epochs), "--lr", args.dpo_lr, *common]  # fmt: skip
+    dpo_s = sh(*dpo)
     after = measure(work / "dpo", records, work / "data_sft")
     print("| stage | wall s | greedy replies with the sign-off | SFT val loss |\n| --- | --- | --- | --- |")
     for stage, seconds, m in (
