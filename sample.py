@@ -27,7 +27,7 @@ from jaxgpt.loading import load_model
 from jaxgpt.sample_config import SampleConfig
 from jaxgpt.sharding import make_mesh, shard_model
 from jaxgpt.text_sampling import read_prompts, sample_prompt
-from jaxgpt.tokenizer import get_tokenizer
+from jaxgpt.tokenizer import tokenizer_of
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     config, launch = build(SampleConfig, namespace), build(LaunchConfig, namespace)
     if launch.enabled and (config.interactive or config.chat):
         raise UserError("--interactive and --chat read this process's stdin; a multi-process run needs --prompt")
-    tokenizer = get_tokenizer()
+    tokenizer = tokenizer_of(config.init_from)  # the one the run (or exported model) carries; else GPT-2's
     distributed.initialize(launch)
     out = sys.stdout if distributed.is_main_process() else io.StringIO()  # every process samples, one prints
     mesh = make_mesh(config.mesh) if config.mesh else None
@@ -47,7 +47,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     if config.chat:
         sampling = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, mesh=mesh)
         lines = user_lines(sys.stdin)
-        chat(model, lines, system=config.system, max_new_tokens=config.max_new_tokens, key=key, **sampling)
+        chat(
+            model,
+            lines,
+            tokenizer=tokenizer,
+            system=config.system,
+            max_new_tokens=config.max_new_tokens,
+            key=key,
+            **sampling,
+        )
         return
     for i, prompt in enumerate(read_prompts(config)):
         try:

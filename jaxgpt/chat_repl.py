@@ -18,7 +18,7 @@ import jax
 from jaxgpt.chat import Message, generate_reply, prompt_room
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
-from jaxgpt.tokenizer import EOT_ID, get_tokenizer
+from jaxgpt.tokenizer import Tokenizer
 
 USER_PROMPT = "you> "
 
@@ -38,15 +38,15 @@ def user_lines(stdin: TextIO) -> Iterator[str]:
 class ReplyStream:
     """``generate``'s on_token: writes the answer as it comes, without the template's leading space and EOT."""
 
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
+    def __init__(self, out: TextIO, tokenizer: Tokenizer) -> None:
+        self.out, self.tokenizer = out, tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._started = False
 
     def __call__(self, row: int, token: int) -> None:
-        if token == EOT_ID:
+        if token == self.tokenizer.eot_id:
             return
-        text = self._utf8.decode(get_tokenizer().decode_bytes([token]))
+        text = self._utf8.decode(self.tokenizer.decode_bytes([token]))
         if not self._started and text:
             text, self._started = text.removeprefix(" "), True
         self.out.write(text)
@@ -61,6 +61,7 @@ def chat(
     model: GPT,
     lines: Iterator[str],
     *,
+    tokenizer: Tokenizer,
     system: str | None,
     max_new_tokens: int,
     key: jax.Array,
@@ -77,10 +78,10 @@ def chat(
     prompt_room(model, max_new_tokens)  # fail before the first line if nothing could ever fit
     history: list[Message] = [{"role": "system", "content": system}] if system else []
     for i, line in enumerate(lines):
-        stream = ReplyStream(out)
+        stream = ReplyStream(out, tokenizer)
         try:
             reply = generate_reply(
-                model, [*history, {"role": "user", "content": line}], max_new_tokens,
+                model, [*history, {"role": "user", "content": line}], max_new_tokens, tokenizer=tokenizer,
                 key=jax.random.fold_in(key, i), on_token=stream, **sampling,
             )  # fmt: skip
         except UserError as err:  # a message that cannot fit should not end the conversation

@@ -28,16 +28,17 @@ from jaxgpt.data.meta import check_dataset
 from jaxgpt.data.pipeline import DataConfig, iterator_state, make_train_iterator, open_examples, restore_iterator
 from jaxgpt.errors import UserError
 from jaxgpt.eval.hellaswag import HellaSwagItem, evaluate_hellaswag, load_hellaswag
-from jaxgpt.eval.loss import evaluate_loss
+from jaxgpt.eval.loss import bits_per_byte, evaluate_loss
 from jaxgpt.loading import load_model
 from jaxgpt.model import GPT, non_embedding_params
 from jaxgpt.optim import optimizer_from_config
 from jaxgpt.params import ParamCodec
 from jaxgpt.profiling import StepProfiler, parse_profile_steps
-from jaxgpt.run_dir import MetricsWriter, RunLock, make_run_dir, read_run_file, write_run_file
+from jaxgpt.run_dir import MetricsWriter, RunLock, make_run_dir, read_run_file, update_run_file, write_run_file
+from jaxgpt.run_tokenizer import run_tokenizer, save_run_tokenizer, with_vocab
 from jaxgpt.sampling import generate
 from jaxgpt.sharding import accumulated_batch_sharding, check_batch_divisible, make_mesh
-from jaxgpt.tokenizer import EOT_ID, get_tokenizer
+from jaxgpt.tokenizer import Tokenizer
 from jaxgpt.tracking import open_trackers
 from jaxgpt.train_config import SHAPE_FIELDS, RunConfig, TrainConfig
 from jaxgpt.train_state import TrainState, init_train_state
@@ -54,6 +55,7 @@ class Run:
 
     config: TrainConfig
     model_config: GPTConfig
+    tokenizer: Tokenizer  # the data's: the run folder keeps a copy
     mesh: Mesh
     codec: ParamCodec
     state: TrainState
@@ -89,6 +91,10 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
         model_config, pretrained = _pretrained(run_config)
     elif cfg.resume:
         print(f"--resume: no checkpoint in {cfg.out_dir} yet, starting from scratch")
+    model_from = cfg.out_dir if latest is not None else None if cfg.init_from == "scratch" else cfg.init_from
+    tokenizer = run_tokenizer(cfg.data_dir, model_from)
+    if model_from is None:
+        model_config = with_vocab(model_config, tokenizer, "vocab_size" in run_config.model_flags)
     check_dataset(cfg.data_dir, model_config.vocab_size)  # every input checked before anything is compiled
     check_batch_divisible(cfg.batch_size, mesh, "--batch_size")
 
@@ -116,11 +122,13 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
         state = jax.jit(lambda p: init_train_state(p, tx, cfg.seed), out_shardings=shardings)(params)
     if distributed.is_main_process():
         write_run_file(cfg.out_dir, model_config, cfg.to_dict())  # as resolved: the next resume reads it
+        update_run_file(cfg.out_dir, tokenizer=save_run_tokenizer(cfg.out_dir, tokenizer))
 
     abstract_model = nnx.eval_shape(lambda: GPT(model_config, nnx.Rngs(0)))
     return Run(
         config=cfg,
         model_config=model_config,
+        tokenizer=tokenizer,
         mesh=mesh,
         codec=codec,
         state=state,
@@ -202,18 +210,27 @@ def evaluate(run: Run) -> float:
     return result["val_loss"]
 
 
+def validation(run: Run) -> dict[str, float]:
+    """The validation loss and, for text data, its bits per byte (comparable across tokenizers)."""
+    loss = evaluate(run)
+    return {"val_loss": loss, **bits_per_byte(loss, run.config.data_dir)}
+
+
 def sample_text(run: Run, num_tokens: int, seed: int) -> str:
     """A sample from end-of-text with the current weights (top-k 200, temperature 0.8, as nanoGPT)."""
     num_tokens = min(num_tokens, run.model_config.block_size - 1)  # the prompt is one token
     key = jax.random.key(seed)
-    start = EOT_ID if run.model_config.vocab_size > EOT_ID else 0  # a small test vocabulary has no EOT
+    eot = run.tokenizer.eot_id
+    start = eot if run.model_config.vocab_size > eot else 0  # a small test vocabulary has no EOT
     model, mesh = current_model(run), run.mesh
-    out = generate(model, [[start]], num_tokens, temperature=0.8, top_k=200, key=key, stop_at_eot=False, mesh=mesh)
-    return get_tokenizer().decode(out[0])
+    out = generate(
+        model, [[start]], num_tokens, temperature=0.8, top_k=200, key=key, stop_at_eot=False, mesh=mesh, eot_id=eot
+    )
+    return run.tokenizer.decode([t for t in out[0] if t < run.tokenizer.vocab_size])  # padded rows are never text
 
 
 def hellaswag_scores(run: Run, items: list[HellaSwagItem]) -> dict[str, float]:
-    scores = evaluate_hellaswag(current_model(run), items, mesh=run.mesh, progress=False)
+    scores = evaluate_hellaswag(current_model(run), items, run.tokenizer, mesh=run.mesh, progress=False)
     return {"acc": scores["acc"], "acc_norm": scores["acc_norm"]}
 
 
@@ -241,7 +258,8 @@ def save(run: Run, val_loss: float | None) -> None:
 def format_record(record: dict[str, Any], max_steps: int) -> str:
     parts = [f"step {record['step']:>6}/{max_steps}"]
     formats = {
-        "loss": "loss {:.4f}", "val_loss": "val {:.4f}", "lr": "lr {:.2e}", "grad_norm": "grad {:.3f}",
+        "loss": "loss {:.4f}", "val_loss": "val {:.4f}", "val_bpb": "bpb {:.4f}", "lr": "lr {:.2e}",
+        "grad_norm": "grad {:.3f}",
         "step_ms": "{:.1f} ms", "tokens_per_s": "{:,.0f} tok/s", "mfu": "mfu {:.1%}", "acc_norm": "hellaswag {:.4f}",
     }  # fmt: skip
     parts += [fmt.format(record[key]) for key, fmt in formats.items() if record.get(key) is not None]
@@ -314,7 +332,7 @@ def _train(run_config: RunConfig) -> dict[str, Any]:
 
     # (every N steps, also at the last step?, action returning what it adds to the step's record)
     actions: list[tuple[int, bool, Callable[[int], dict[str, Any]]]] = [
-        (cfg.eval_interval, True, lambda step: {"val_loss": evaluate(run)}),
+        (cfg.eval_interval, True, lambda step: validation(run)),
         (cfg.sample_interval or cfg.eval_interval, not cfg.sample_interval, print_sample),  # 0: at each evaluation
     ]
     if cfg.hellaswag_interval:

@@ -28,7 +28,7 @@ from jaxgpt.sample_config import SampleConfig
 from jaxgpt.sampling import generate, left_pad, process_logits, sample_token
 from jaxgpt.sharding import make_mesh, shard_model
 from jaxgpt.text_sampling import TextStream
-from jaxgpt.tokenizer import get_tokenizer
+from jaxgpt.tokenizer import load_tokenizer
 from tests.hf_fixtures import make_hf_gpt2
 
 REPO = Path(__file__).resolve().parents[1]
@@ -247,7 +247,7 @@ def test_bad_input_is_a_user_error(model, prompts, new, kwargs, message):
 
 
 def test_text_stream_waits_for_whole_characters():
-    tokenizer = get_tokenizer()
+    tokenizer = load_tokenizer()
     text = "naïve 我们 🤖 café"
     tokens = tokenizer.encode(text)
     assert any("\ufffd" in tokenizer.decode([t]) for t in tokens)  # some token ends inside a character

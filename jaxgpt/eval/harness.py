@@ -42,7 +42,7 @@ from jaxgpt.loading import load_model
 from jaxgpt.options import option
 from jaxgpt.sampling import generate
 from jaxgpt.sharding import make_mesh, shard_model
-from jaxgpt.tokenizer import get_tokenizer
+from jaxgpt.tokenizer import tokenizer_of
 
 MODEL_NAME = "jaxgpt"
 DEFAULT_BATCH_SIZE = 32
@@ -94,7 +94,7 @@ class JaxGPTLM(TemplateLM):
         self.model = shard_model(load_model(str(init_from), dtype=dtype), self.mesh)
         self.scorer = RowScorer(self.model, self.mesh)
         self.scorer.check_rows(self.batch_size, "batch_size")
-        self.bpe = get_tokenizer()
+        self.bpe = tokenizer_of(str(init_from))  # the one the run carries; else GPT-2's
         self.max_length = self.model.config.block_size
         self.max_gen_toks = int(max_gen_toks)
         self.key = jax.random.key(int(seed))
@@ -107,7 +107,7 @@ class JaxGPTLM(TemplateLM):
         return self.bpe.eot_id
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        """GPT-2 BPE; ``<|endoftext|>`` in the text is the special token, as in Hugging Face's tokenizer."""
+        """The model's BPE; ``<|endoftext|>`` in the text is the special token, as in Hugging Face's tokenizer."""
         return self.bpe.encode(string, allow_eot=True)
 
     def tok_decode(self, tokens: Sequence[int]) -> str:
