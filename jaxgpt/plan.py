@@ -38,8 +38,10 @@ from jaxgpt.model import GPT, non_embedding_params, resolve_attention
 from jaxgpt.optim import optimizer_from_config
 from jaxgpt.options import option
 from jaxgpt.params import ParamCodec
+from jaxgpt.run_tokenizer import with_vocab
 from jaxgpt.sharding import DATA, accumulated_batch_sharding, check_batch_divisible, make_mesh
 from jaxgpt.targets import Target, compiling_for, get_target, target_devices
+from jaxgpt.tokenizer import tokenizer_of
 from jaxgpt.train_config import RunConfig, parse_run_config
 from jaxgpt.train_state import init_train_state
 from jaxgpt.train_step import jit_train_step, make_train_step, train_state_shardings
@@ -256,6 +258,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     config = build(PlanConfig, plan_args)
     run_config = parse_run_config(train_argv)
+    vocab = with_vocab(
+        run_config.model_config, tokenizer_of(run_config.train_config.data_dir), "vocab_size" in run_config.model_flags
+    )
+    run_config = dataclasses.replace(run_config, model_config=vocab)  # the data's tokenizer, as train.py takes it
     target = get_target(config.target, config.num_slices)
     devices = target_devices(target, config.num_devices)
     try:

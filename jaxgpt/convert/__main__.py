@@ -16,11 +16,13 @@ from typing import Literal
 from jaxgpt.checkpoint import save_model
 from jaxgpt.cli import parse, run
 from jaxgpt.convert import save_hf_gpt2
+from jaxgpt.convert.hf_tokenizer import save_hf_tokenizer
 from jaxgpt.errors import UserError
 from jaxgpt.loading import load_model
 from jaxgpt.options import option
 from jaxgpt.run_dir import is_run_dir
 from jaxgpt.swap import replace_dir, staging_dir
+from jaxgpt.tokenizer import tokenizer_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     dst = Path(args.dst)
     check_destination(dst, args.overwrite)
     model = load_model(args.src)
+    tokenizer = tokenizer_of(args.src)  # a run's own tokenizer goes with its weights
     staged = staging_dir(dst, "converting")  # written aside, then swapped in whole: never half a destination
     shutil.rmtree(staged, ignore_errors=True)
     try:
@@ -54,6 +57,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             save_hf_gpt2(model, staged)
         else:
             save_model(model, staged)
+        if not tokenizer.is_gpt2:
+            tokenizer.save(staged)  # jaxgpt (sample.py, eval, --init_from) reads it from either format
+            if args.format == "hf":
+                save_hf_tokenizer(tokenizer, staged, model.config.block_size)
         replace_dir(staged, dst)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
