@@ -18,15 +18,15 @@ from collections.abc import Sequence
 
 import jax
 
-from jaxgpt import distributed
-from jaxgpt.chat_repl import chat, user_lines
-from jaxgpt.cli import build, parser_for, run
-from jaxgpt.distributed import LaunchConfig
-from jaxgpt.errors import UserError
-from jaxgpt.loading import load_model
-from jaxgpt.sample_config import SampleConfig
-from jaxgpt.sharding import make_mesh, shard_model
-from jaxgpt.text_sampling import read_prompts, sample_prompt
+from jaxgpt.chat.repl import chat, user_lines
+from jaxgpt.checkpoints.loading import load_model
+from jaxgpt.core import distributed
+from jaxgpt.core.cli import build, parser_for, run
+from jaxgpt.core.distributed import LaunchConfig
+from jaxgpt.core.errors import UserError
+from jaxgpt.core.sharding import make_mesh, shard_model
+from jaxgpt.sampling.config import SampleConfig
+from jaxgpt.sampling.text import read_prompts, sample_prompt
 from jaxgpt.tokenizer import tokenizer_of
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from jaxgpt.cli import run
-from jaxgpt.train_config import parse_run_config
-from jaxgpt.trainer import train
+from jaxgpt.core.cli import run
+from jaxgpt.train.config import parse_run_config
+from jaxgpt.train.loop import train
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -24,9 +24,9 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from jaxgpt import cli
+from jaxgpt.core import cli
+from jaxgpt.core.options import option
 from jaxgpt.data.pipeline import DataConfig, make_train_iterator
-from jaxgpt.options import option
 
 SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
 

@@ -16,12 +16,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxgpt.cli import parse, run
-from jaxgpt.config import DType, preset
+from jaxgpt.core.cli import parse, run
+from jaxgpt.core.options import option
+from jaxgpt.core.sharding import make_mesh, shard_model
 from jaxgpt.eval.hellaswag import HellaSwagItem, render, score_endings
-from jaxgpt.model import GPT
-from jaxgpt.options import option
-from jaxgpt.sharding import make_mesh, shard_model
+from jaxgpt.model.config import DType, preset
+from jaxgpt.model.gpt import GPT
 from jaxgpt.tokenizer import load_tokenizer
 
 # Common words that GPT-2's tokenizer keeps whole (with their leading space): one token each.

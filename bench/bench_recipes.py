@@ -21,8 +21,9 @@ from pathlib import Path
 
 import jax
 
-from jaxgpt.train_config import RUN_PRESETS, parse_run_config
-from jaxgpt.trainer import evaluate, next_batch, setup
+from jaxgpt.train.config import RUN_PRESETS, parse_run_config
+from jaxgpt.train.loop import evaluate, next_batch
+from jaxgpt.train.setup import setup
 
 BASELINE, MODERN = "shakespeare", "shakespeare-modern"
 
@@ -64,7 +65,7 @@ def train_curve(name: str, argv: list[str], steps: int, eval_interval: int, out_
     try:
         for step in range(steps):
             start = time.perf_counter()
-            run.state, _ = run.step_fn(run.state, next_batch(run))
+            run.state, _ = run.step.fn(run.state, next_batch(run))
             jax.block_until_ready(run.state.step)
             if step > 0:  # the first step compiles
                 trained += time.perf_counter() - start

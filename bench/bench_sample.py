@@ -20,13 +20,13 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxgpt.cli import parse, run
-from jaxgpt.config import DType, preset
 from jaxgpt.convert import save_hf_gpt2
-from jaxgpt.errors import UserError
-from jaxgpt.model import GPT
-from jaxgpt.options import option
-from jaxgpt.sampling import generate
+from jaxgpt.core.cli import parse, run
+from jaxgpt.core.errors import UserError
+from jaxgpt.core.options import option
+from jaxgpt.model.config import DType, preset
+from jaxgpt.model.gpt import GPT
+from jaxgpt.sampling.generate import generate
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,14 +20,15 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxgpt import metrics as metrics_lib
 from jaxgpt.data.meta import index_dataset
 from jaxgpt.data.shards import shard_name, write_shard
-from jaxgpt.losses import cross_entropy
-from jaxgpt.model import GPT
-from jaxgpt.optim import learning_rate_schedule, make_optimizer
-from jaxgpt.train_config import parse_run_config
-from jaxgpt.trainer import next_batch, setup
+from jaxgpt.model.gpt import GPT
+from jaxgpt.model.losses import cross_entropy
+from jaxgpt.train import metrics as metrics_lib
+from jaxgpt.train.config import parse_run_config
+from jaxgpt.train.loop import next_batch
+from jaxgpt.train.optim import learning_rate_schedule, make_optimizer
+from jaxgpt.train.setup import setup
 
 
 def write_random_data(directory: Path, tokens: int, vocab_size: int) -> None:
@@ -66,7 +67,7 @@ def main() -> None:
         batch = next_batch(run)
 
         def jit_step():
-            run.state, metrics = run.step_fn(run.state, batch)
+            run.state, metrics = run.step.fn(run.state, batch)
             return metrics["loss"]
 
         rows = [("jax.jit over split state (train.py)", time_steps(jit_step, bench_args.steps))]

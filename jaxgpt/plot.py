@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from jaxgpt.cli import ArgumentParser, run
-from jaxgpt.run_dir import read_metrics
+from jaxgpt.checkpoints.run_dir import read_metrics
+from jaxgpt.core.cli import ArgumentParser, run
 
 EXTRA_PANELS = (("val_bpb", "val bits per byte"), ("acc_norm", "HellaSwag"))  # drawn when the run logged them
 

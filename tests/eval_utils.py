@@ -7,8 +7,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxgpt.loading import load_model
-from jaxgpt.model import GPT
+from jaxgpt.checkpoints.loading import load_model
+from jaxgpt.model.gpt import GPT
 
 
 class TinyGPT2(NamedTuple):

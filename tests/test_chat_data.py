@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxgpt.chat_template import render
+from jaxgpt.chat.template import render
+from jaxgpt.core.errors import UserError
 from jaxgpt.data import chat_source, shards
 from jaxgpt.data.prepare import PrepareConfig, prepare
-from jaxgpt.errors import UserError
 from jaxgpt.tokenizer import EOT_ID, load_tokenizer
 
 CONVERSATIONS = [

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jaxgpt.chat_template import ChatError, check_messages, fit_history, render
-from jaxgpt.errors import UserError
+from jaxgpt.chat.template import ChatError, check_messages, fit_history, render
+from jaxgpt.core.errors import UserError
 from jaxgpt.tokenizer import EOT_ID, load_tokenizer
 
 CONVERSATION = [

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgpt.checkpoint import Checkpointer, load_model_from_checkpoint, save_model
-from jaxgpt.config import GPTConfig
-from jaxgpt.errors import UserError
-from jaxgpt.loading import load_model
-from jaxgpt.model import GPT
-from jaxgpt.optim import learning_rate_schedule, make_optimizer
-from jaxgpt.params import ParamCodec
-from jaxgpt.sharding import make_mesh
-from jaxgpt.train_state import init_train_state
-from jaxgpt.train_step import train_state_shardings
+from jaxgpt.checkpoints.checkpointer import Checkpointer
+from jaxgpt.checkpoints.loading import load_model, load_model_from_checkpoint, save_model
+from jaxgpt.checkpoints.state import init_train_state
+from jaxgpt.core.errors import UserError
+from jaxgpt.core.sharding import make_mesh
+from jaxgpt.model.config import GPTConfig
+from jaxgpt.model.gpt import GPT
+from jaxgpt.model.params import ParamCodec
+from jaxgpt.train.optim import learning_rate_schedule, make_optimizer
+from jaxgpt.train.step import train_state_shardings
 
 TINY = GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=4, n_embd=32)
 

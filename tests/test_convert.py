@@ -11,8 +11,8 @@ import torch
 from flax import nnx
 
 from jaxgpt.convert import load_hf_gpt2, save_hf_gpt2
-from jaxgpt.errors import UserError
-from jaxgpt.losses import cross_entropy
+from jaxgpt.core.errors import UserError
+from jaxgpt.model.losses import cross_entropy
 from tests.hf_fixtures import hf_logits, make_hf_gpt2
 
 SHAPES = [  # (n_layer, n_head, n_embd, n_positions, vocab_size)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from eval_utils import TinyGPT2, hf_token_log_probs, tiny_gpt2
 
+from jaxgpt.checkpoints.loading import load_model
+from jaxgpt.core.errors import UserError
+from jaxgpt.core.sharding import make_mesh, shard_model
 from jaxgpt.data.shards import open_shard, write_shard
-from jaxgpt.errors import UserError
 from jaxgpt.eval import evaluate_loss
-from jaxgpt.loading import load_model
-from jaxgpt.sharding import make_mesh, shard_model
 
 BLOCK = 32
 SHARD_LENGTHS = (150, 123)  # 272 targets: 8 full windows of 32 and one of 16

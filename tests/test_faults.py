@@ -26,22 +26,23 @@ import pytest
 from flax import nnx
 
 import sample
-from jaxgpt import cli
-from jaxgpt.checkpoint import Checkpointer, SaveFailedError, load_model_from_checkpoint, save_model
-from jaxgpt.config import GPTConfig
+from jaxgpt.checkpoints.checkpointer import Checkpointer, SaveFailedError
+from jaxgpt.checkpoints.loading import load_model_from_checkpoint, save_model
+from jaxgpt.checkpoints.run_dir import LOCK_FILE, METRICS_FILE, RUN_FILE, RunLock, read_metrics
 from jaxgpt.convert import save_hf_gpt2
 from jaxgpt.convert.__main__ import main as convert_main
+from jaxgpt.core import cli
+from jaxgpt.core.errors import UserError
 from jaxgpt.data import shards
 from jaxgpt.data.meta import META, check_dataset
 from jaxgpt.data.prepare import PrepareConfig, prepare
 from jaxgpt.data.prepare import main as prepare_main
-from jaxgpt.errors import UserError
 from jaxgpt.eval.__main__ import main as eval_main
-from jaxgpt.model import GPT
+from jaxgpt.model.config import GPTConfig
+from jaxgpt.model.gpt import GPT
 from jaxgpt.plot import main as plot_main
-from jaxgpt.run_dir import LOCK_FILE, METRICS_FILE, RUN_FILE, RunLock, read_metrics
-from jaxgpt.train_config import parse_run_config
-from jaxgpt.trainer import train
+from jaxgpt.train.config import parse_run_config
+from jaxgpt.train.loop import train
 from tests.train_utils import ROOT, VOCAB, run_train_cli, train_args, write_token_data
 
 TINY = GPTConfig(vocab_size=VOCAB, block_size=16, n_layer=1, n_head=2, n_embd=16)
@@ -357,7 +358,7 @@ def test_tokenizer_finds_the_shared_data_without_the_variable():
 
 
 def test_fingerprint_catches_any_single_changed_element():
-    from jaxgpt.fingerprint import fingerprints
+    from jaxgpt.checkpoints.fingerprint import fingerprints
 
     x = jax.random.normal(jax.random.key(0), (64, 8))
     base = fingerprints({"x": x})

@@ -6,8 +6,9 @@ import json
 
 import numpy as np
 
-from jaxgpt.train_config import parse_run_config
-from jaxgpt.trainer import setup, train
+from jaxgpt.train.config import parse_run_config
+from jaxgpt.train.loop import train
+from jaxgpt.train.setup import setup
 from tests.hf_fixtures import make_hf_gpt2
 from tests.train_utils import train_args, write_token_data
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgpt.config import GPTConfig
 from jaxgpt.eval.scoring import RowScorer
-from jaxgpt.fused_loss import _logsumexp, fused_cross_entropy, fused_token_log_probs
-from jaxgpt.losses import cross_entropy, model_loss, resolve_loss, token_log_probs
-from jaxgpt.model import GPT
+from jaxgpt.model.config import GPTConfig
+from jaxgpt.model.fused_loss import _logsumexp, fused_cross_entropy, fused_token_log_probs
+from jaxgpt.model.gpt import GPT
+from jaxgpt.model.losses import cross_entropy, model_loss, resolve_loss, token_log_probs
 
 VOCAB, PADDED, C = 100, 128, 32
 
@@ -88,7 +88,7 @@ def _tiny_gpts(**options):
 @pytest.mark.parametrize("options", [{}, {"tie_embeddings": False}], ids=["tied", "untied"])
 def test_train_loss_and_grads_match_plain_path_through_the_model(options):
     plain, fused, tokens = _tiny_gpts(**options)
-    assert resolve_loss(plain) == "plain" and resolve_loss(fused) == "fused"
+    assert resolve_loss(plain.config, "cpu") == "plain" and resolve_loss(fused.config, "cpu") == "fused"
 
     def loss_and_grads(model):
         return nnx.value_and_grad(lambda m: model_loss(m, tokens[:, :-1], tokens[:, 1:]))(model)

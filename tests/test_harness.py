@@ -16,13 +16,13 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
 
-from jaxgpt.config import GPTConfig
 from jaxgpt.convert import save_hf_gpt2
-from jaxgpt.errors import UserError
+from jaxgpt.core.errors import UserError
 from jaxgpt.eval import harness
 from jaxgpt.eval.harness import JaxGPTLM
 from jaxgpt.eval.hellaswag import HellaSwagItem, score_endings
-from jaxgpt.model import GPT
+from jaxgpt.model.config import GPTConfig
+from jaxgpt.model.gpt import GPT
 from jaxgpt.tokenizer import load_tokenizer
 
 BLOCK_SIZE = 64

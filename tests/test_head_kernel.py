@@ -6,9 +6,10 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxgpt.fused_loss import fused_cross_entropy
-from jaxgpt.head_kernel import logits_and_logsumexp, supported
-from jaxgpt.sharding import make_mesh
+from jaxgpt.core.platform import Runtime
+from jaxgpt.core.sharding import make_mesh
+from jaxgpt.model.fused_loss import fused_cross_entropy
+from jaxgpt.model.kernels.head_kernel import logits_and_logsumexp, supported
 
 
 def test_logits_and_logsumexp_equal_the_xla_path():
@@ -39,12 +40,9 @@ def test_fused_loss_with_the_kernel_equals_without():
     mesh = make_mesh(f"{len(devices)}x1", devices)
 
     def loss_and_grads(kernel):
-        loss = lambda h, e: fused_cross_entropy(h, e, targets, 200, chunk_tokens=128, kernel=kernel)
-
-        def step(h, e):  # traced with the mesh as context, as jaxgpt.sharding.on_mesh does for the train step
-            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-                return jax.value_and_grad(loss, argnums=(0, 1))(h, e)
-
+        runtime = Runtime("cpu", mesh) if kernel else None  # the train step's: its mesh, the kernel interpreted
+        loss = lambda h, e: fused_cross_entropy(h, e, targets, 200, chunk_tokens=128, kernel=runtime)
+        step = jax.value_and_grad(loss, argnums=(0, 1))
         assert ("pallas_call" in str(jax.make_jaxpr(step)(h, embedding))) == kernel
         shardings = (NamedSharding(mesh, P("data")), NamedSharding(mesh, P()))
         return jax.jit(step, in_shardings=shardings)(h, embedding)

@@ -14,13 +14,13 @@ import pytest
 import tiktoken
 from eval_utils import TinyGPT2, hf_token_log_probs, tiny_gpt2
 
+from jaxgpt.checkpoints.loading import load_model
+from jaxgpt.core.errors import UserError
+from jaxgpt.core.sharding import make_mesh, shard_model
 from jaxgpt.data.shards import write_shard
-from jaxgpt.errors import UserError
 from jaxgpt.eval import evaluate_hellaswag, load_hellaswag, score_endings
 from jaxgpt.eval import hellaswag as hs
 from jaxgpt.eval.scoring import SMALLEST_BUCKET
-from jaxgpt.loading import load_model
-from jaxgpt.sharding import make_mesh, shard_model
 from jaxgpt.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

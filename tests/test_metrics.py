@@ -4,9 +4,9 @@ import jax
 import pytest
 from flax import nnx
 
-from jaxgpt import metrics
-from jaxgpt.config import preset
-from jaxgpt.model import GPT, non_embedding_params
+from jaxgpt.model.config import preset
+from jaxgpt.model.gpt import GPT, non_embedding_params
+from jaxgpt.train import metrics
 
 
 def test_flops_per_token_is_nanogpts_formula_for_gpt2():

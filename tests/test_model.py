@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgpt.config import GPTConfig, preset
-from jaxgpt.errors import UserError
-from jaxgpt.losses import cross_entropy
-from jaxgpt.model import GPT, count_params, explicit_attention, gelu_new, resolve_attention
+from jaxgpt.core.errors import UserError
+from jaxgpt.model.config import GPTConfig, preset
+from jaxgpt.model.gpt import GPT, count_params, explicit_attention, gelu_new, resolve_attention
+from jaxgpt.model.losses import cross_entropy
 
 TINY = GPTConfig(vocab_size=100, block_size=32, n_layer=2, n_head=4, n_embd=32)
 
@@ -109,9 +109,9 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits():
 def test_cudnn_request_falls_back_on_cpu_with_a_warning():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert resolve_attention(TINY.replace(attention="cudnn", dtype="bfloat16")) == "xla"
+        assert resolve_attention(TINY.replace(attention="cudnn", dtype="bfloat16"), "cpu") == "xla"
     assert any("falling back" in str(w.message) for w in caught)
-    assert resolve_attention(TINY.replace(attention="auto")) == "xla"
+    assert resolve_attention(TINY.replace(attention="auto"), "cpu") == "xla"
 
 
 def test_sequence_longer_than_context_is_refused():

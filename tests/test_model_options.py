@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgpt.config import GPTConfig
 from jaxgpt.convert import save_hf_gpt2
-from jaxgpt.errors import UserError
-from jaxgpt.metrics import flops_per_token
-from jaxgpt.model import GPT, count_params, non_embedding_params
-from jaxgpt.params import ParamCodec
-from jaxgpt.sharding import make_mesh
+from jaxgpt.core.errors import UserError
+from jaxgpt.core.sharding import make_mesh
+from jaxgpt.model.config import GPTConfig
+from jaxgpt.model.gpt import GPT, count_params, non_embedding_params
+from jaxgpt.model.params import ParamCodec
+from jaxgpt.train.metrics import flops_per_token
 
 BASE = GPTConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=16, block_size=16, pad_vocab_multiple=64)
 MODERN = dict(

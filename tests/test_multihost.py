@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from jaxgpt.distributed import LaunchConfig
-from jaxgpt.errors import UserError
-from jaxgpt.run_dir import METRICS_FILE, read_metrics
+from jaxgpt.checkpoints.run_dir import METRICS_FILE, read_metrics
+from jaxgpt.core.distributed import LaunchConfig
+from jaxgpt.core.errors import UserError
 from tests.train_utils import ROOT, TINY_MODEL, write_token_data
 
 VOCAB = 50304  # GPT-2's, padded: samples start from <|endoftext|> (the token data stays below 256)

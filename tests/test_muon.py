@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt.checkpoint import Checkpointer
-from jaxgpt.config import GPTConfig
-from jaxgpt.optim import learning_rate_schedule, make_optimizer, muon_dimension_numbers
-from jaxgpt.params import ParamCodec
-from jaxgpt.sharding import make_mesh
-from jaxgpt.train_step import train_state_shardings
+from jaxgpt.checkpoints.checkpointer import Checkpointer
+from jaxgpt.core.sharding import make_mesh
+from jaxgpt.model.config import GPTConfig
+from jaxgpt.model.params import ParamCodec
+from jaxgpt.train.optim import learning_rate_schedule, make_optimizer, muon_dimension_numbers
+from jaxgpt.train.step import train_state_shardings
 from tests.test_resume import assert_same_run
 from tests.train_utils import run_train_cli, train_args, write_token_data
 

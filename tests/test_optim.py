@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt.optim import decay_mask, learning_rate_schedule, make_optimizer
+from jaxgpt.train.optim import decay_mask, learning_rate_schedule, make_optimizer
 
 
 def test_warmup_then_cosine_to_min_lr():

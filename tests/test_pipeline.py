@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jaxgpt.core.errors import UserError
 from jaxgpt.data import shards
 from jaxgpt.data.pipeline import (
     DataConfig,
@@ -18,7 +19,6 @@ from jaxgpt.data.pipeline import (
     make_train_iterator,
     restore_iterator,
 )
-from jaxgpt.errors import UserError
 
 T = 16
 NUM_TOKENS = 10_000

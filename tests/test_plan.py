@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxgpt import plan
-from jaxgpt.errors import UserError
-from jaxgpt.hlo_cost import program_cost
-from jaxgpt.sharding import make_mesh
-from jaxgpt.targets import get_target, target_devices
-from jaxgpt.train_config import parse_run_config
+from jaxgpt.core.errors import UserError
+from jaxgpt.core.sharding import make_mesh
+from jaxgpt.plan import report as plan
+from jaxgpt.plan.hardware import get_target, target_devices
+from jaxgpt.plan.hlo_cost import program_cost
+from jaxgpt.train.config import parse_run_config
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from jaxgpt.errors import UserError
+from jaxgpt.core.errors import UserError
 from jaxgpt.plot import plot, read_series
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jaxgpt.core.errors import UserError
+from jaxgpt.core.swap import staging_dir
 from jaxgpt.data import shards, sources
 from jaxgpt.data.prepare import PrepareConfig, prepare
-from jaxgpt.errors import UserError
-from jaxgpt.swap import staging_dir
 from jaxgpt.tokenizer import EOT_ID, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

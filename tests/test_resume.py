@@ -11,8 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from jaxgpt.checkpoint import Checkpointer, load_model_from_checkpoint
-from jaxgpt.params import ParamCodec
+from jaxgpt.checkpoints.checkpointer import Checkpointer
+from jaxgpt.checkpoints.loading import load_model_from_checkpoint
+from jaxgpt.model.params import ParamCodec
 from tests.train_utils import ROOT, logged_losses, run_train_cli, train_args, write_token_data
 
 STEPS = ["--max_steps", "8", "--lr_decay_steps", "8", "--dropout", "0.1"]  # dropout: the RNG must resume too

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from jaxgpt.config import GPTConfig
-from jaxgpt.errors import UserError
-from jaxgpt.run_dir import MetricsWriter, is_run_dir, read_metrics, read_run_file, write_run_file
+from jaxgpt.checkpoints.run_dir import MetricsWriter, is_run_dir, read_metrics, read_run_file, write_run_file
+from jaxgpt.core.errors import UserError
+from jaxgpt.model.config import GPTConfig
 
 
 def test_run_file_round_trips_and_marks_the_directory(tmp_path):

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from train_utils import run_train_cli
 
+from jaxgpt.checkpoints.loading import load_model
 from jaxgpt.data.prepare import PrepareConfig, prepare
 from jaxgpt.data.shards import list_shards, open_shard
-from jaxgpt.loading import load_model
 from jaxgpt.tokenizer import tokenizer_of
-from jaxgpt.train_config import parse_run_config
+from jaxgpt.train.config import parse_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 320
@@ -47,7 +47,7 @@ def gpt2_data(corpus, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def run_dir(data, tmp_path_factory) -> Path:
-    from jaxgpt.trainer import train
+    from jaxgpt.train.loop import train
 
     out = tmp_path_factory.mktemp("runs") / "bard"
     args = ["--data_dir", str(data), "--out_dir", str(out), *TINY, "--max_steps", "20", "--eval_interval", "10"]

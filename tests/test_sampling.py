@@ -17,17 +17,17 @@ import pytest
 import torch
 from flax import nnx
 
-from jaxgpt import sampling
-from jaxgpt.config import GPTConfig
 from jaxgpt.convert import load_hf_gpt2
-from jaxgpt.decoding import decode as decode_chunk
-from jaxgpt.decoding import init_cache
-from jaxgpt.errors import UserError
-from jaxgpt.model import GPT
-from jaxgpt.sample_config import SampleConfig
-from jaxgpt.sampling import generate, left_pad, process_logits, sample_token
-from jaxgpt.sharding import make_mesh, shard_model
-from jaxgpt.text_sampling import TextStream
+from jaxgpt.core.errors import UserError
+from jaxgpt.core.sharding import make_mesh, shard_model
+from jaxgpt.model.config import GPTConfig
+from jaxgpt.model.decoding import decode as decode_chunk
+from jaxgpt.model.decoding import init_cache
+from jaxgpt.model.gpt import GPT
+from jaxgpt.sampling import generate as sampling
+from jaxgpt.sampling.config import SampleConfig
+from jaxgpt.sampling.generate import generate, left_pad, process_logits, sample_token
+from jaxgpt.sampling.text import TextStream
 from jaxgpt.tokenizer import load_tokenizer
 from tests.hf_fixtures import make_hf_gpt2
 

@@ -11,19 +11,20 @@ import jax
 import numpy as np
 import pytest
 
-from jaxgpt.chat_template import render
-from jaxgpt.config import GPTConfig
+from jaxgpt.chat.template import render
+from jaxgpt.checkpoints.state import init_train_state
+from jaxgpt.core.errors import UserError
 from jaxgpt.data.pipeline import DataConfig, iterator_state, make_train_iterator, open_examples, restore_iterator
 from jaxgpt.data.prepare import PrepareConfig, prepare
-from jaxgpt.errors import UserError
-from jaxgpt.losses import token_log_probs
-from jaxgpt.optim import learning_rate_schedule, make_optimizer
-from jaxgpt.params import ParamCodec
+from jaxgpt.model.config import GPTConfig
+from jaxgpt.model.losses import token_log_probs
+from jaxgpt.model.params import ParamCodec
 from jaxgpt.tokenizer import load_tokenizer
-from jaxgpt.train_config import parse_run_config
-from jaxgpt.train_state import init_train_state
-from jaxgpt.train_step import make_train_step
-from jaxgpt.trainer import next_batch, setup
+from jaxgpt.train.config import parse_run_config
+from jaxgpt.train.loop import next_batch
+from jaxgpt.train.optim import learning_rate_schedule, make_optimizer
+from jaxgpt.train.setup import setup
+from jaxgpt.train.step import make_train_step
 from tests.train_utils import logged_losses, run_train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,7 +134,7 @@ def test_meshes_and_accumulation_give_the_same_chat_losses(chat_dir: Path, tmp_p
         run.checkpointer.close()
         result = []
         for _ in range(3):
-            run.state, metrics = run.step_fn(run.state, next_batch(run))
+            run.state, metrics = run.step.fn(run.state, next_batch(run))
             result.append(float(metrics["loss"]))
         return result
 

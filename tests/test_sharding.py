@@ -7,10 +7,10 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxgpt.config import GPTConfig
-from jaxgpt.errors import UserError
-from jaxgpt.model import GPT
-from jaxgpt.sharding import make_mesh, parse_mesh, shard_model
+from jaxgpt.core.errors import UserError
+from jaxgpt.core.sharding import make_mesh, parse_mesh, shard_model
+from jaxgpt.model.config import GPTConfig
+from jaxgpt.model.gpt import GPT
 
 CONFIG = GPTConfig(vocab_size=100, block_size=32, n_layer=2, n_head=4, n_embd=32, pad_vocab_multiple=64)
 

@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jaxgpt.core.errors import UserError
 from jaxgpt.data import shards
 from jaxgpt.data.pipeline import DataConfig, make_train_iterator
-from jaxgpt.errors import UserError
 
 
 def test_round_trip_and_header(tmp_path: Path) -> None:

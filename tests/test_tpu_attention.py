@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxgpt import plan
-from jaxgpt.config import GPTConfig
-from jaxgpt.model import resolve_attention
-from jaxgpt.sharding import DATA, MODEL, make_mesh, on_mesh
-from jaxgpt.targets import compiling_for, get_target, target_devices
-from jaxgpt.tpu_attention import splash_attention
-from jaxgpt.train_config import parse_run_config
+from jaxgpt.core.platform import Runtime
+from jaxgpt.core.sharding import DATA, MODEL, make_mesh
+from jaxgpt.model.config import GPTConfig
+from jaxgpt.model.gpt import resolve_attention
+from jaxgpt.model.kernels.tpu_attention import splash_attention
+from jaxgpt.plan import report as plan
+from jaxgpt.plan.hardware import get_target, target_devices
+from jaxgpt.train.config import parse_run_config
 
 
 def _loss_and_grads(attention):
@@ -39,7 +40,7 @@ def test_splash_equals_xla_attention_and_its_gradients(mesh_spec):
     (_, expected), expected_grads = jax.jit(_loss_and_grads(xla))(q, k, v, w)
     mesh = make_mesh(mesh_spec, jax.devices()[: 4 if mesh_spec == "2x2" else 1])
     q, k, v, w = jax.device_put((q, k, v, w), NamedSharding(mesh, PartitionSpec(DATA, None, MODEL, None)))
-    step = on_mesh(_loss_and_grads(splash_attention), mesh)
+    step = _loss_and_grads(lambda q, k, v: splash_attention(q, k, v, Runtime("cpu", mesh)))
     assert "pallas_call" in str(jax.make_jaxpr(step)(q, k, v, w))
     (_, got), grads = jax.jit(step)(q, k, v, w)
     for a, b in zip((got, *grads), (expected, *expected_grads), strict=True):
@@ -47,21 +48,21 @@ def test_splash_equals_xla_attention_and_its_gradients(mesh_spec):
 
 
 def test_without_the_steps_mesh_several_devices_take_xla_attention():
-    # A Mosaic kernel cannot be split by XLA: outside the train step (evaluation) it would not compile.
+    # A Mosaic kernel cannot be split by XLA: without the step's mesh (evaluation) it would not compile.
     q = jnp.ones((8, 128, 4, 16), jnp.float32)
-    assert jax.device_count() > 1 and "pallas_call" not in str(jax.make_jaxpr(splash_attention)(q, q, q))
+    attend = lambda q, k, v: splash_attention(q, k, v, Runtime("tpu"))
+    assert jax.device_count() > 1 and "pallas_call" not in str(jax.make_jaxpr(attend)(q, q, q))
 
 
 def test_auto_picks_splash_on_tpu_without_dropout():
     config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=128, vocab_size=64)
-    with compiling_for("tpu"):
-        assert resolve_attention(config) == "splash"
-        assert resolve_attention(config.replace(dropout=0.1)) == "xla"
-        with pytest.warns(UserWarning, match="no dropout"):
-            assert resolve_attention(config.replace(attention="splash", dropout=0.1)) == "xla"
+    assert resolve_attention(config, "tpu") == "splash"
+    assert resolve_attention(config.replace(dropout=0.1), "tpu") == "xla"
+    with pytest.warns(UserWarning, match="no dropout"):
+        assert resolve_attention(config.replace(attention="splash", dropout=0.1), "tpu") == "xla"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert resolve_attention(config) == "xla"  # on the CPU auto stays with XLA, silently
+        assert resolve_attention(config, "cpu") == "xla"  # on the CPU auto stays with XLA, silently
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs requirements-plan-tpu.txt")

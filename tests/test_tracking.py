@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from jaxgpt.config import GPTConfig
-from jaxgpt.errors import UserError
-from jaxgpt.profiling import PROFILE_DIR, parse_profile_steps
-from jaxgpt.run_dir import MetricsWriter, read_metrics, read_run_file, write_run_file
-from jaxgpt.tracking import TENSORBOARD_DIR, WANDB_RUN_ID, open_trackers
-from jaxgpt.train_config import parse_run_config
-from jaxgpt.trainer import train
+from jaxgpt.checkpoints.run_dir import MetricsWriter, read_metrics, read_run_file, write_run_file
+from jaxgpt.core.errors import UserError
+from jaxgpt.model.config import GPTConfig
+from jaxgpt.train.config import parse_run_config
+from jaxgpt.train.loop import train
+from jaxgpt.train.profiling import PROFILE_DIR, parse_profile_steps
+from jaxgpt.train.tracking import TENSORBOARD_DIR, WANDB_RUN_ID, open_trackers
 from tests.train_utils import train_args, write_token_data
 
 CONFIGS = {"model": {"n_layer": 2}, "train": {"lr": 0.01}}

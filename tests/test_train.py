@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxgpt.checkpoint import Checkpointer
-from jaxgpt.config import GPTConfig
+from jaxgpt.checkpoints.checkpointer import Checkpointer
+from jaxgpt.checkpoints.state import init_train_state
 from jaxgpt.data.pipeline import TokenStream, windows_to_batch
-from jaxgpt.optim import learning_rate_schedule, make_optimizer
-from jaxgpt.params import ParamCodec
-from jaxgpt.train_config import parse_run_config
-from jaxgpt.train_state import init_train_state
-from jaxgpt.train_step import make_train_step
-from jaxgpt.trainer import next_batch, setup
+from jaxgpt.model.config import GPTConfig
+from jaxgpt.model.params import ParamCodec
+from jaxgpt.train.config import parse_run_config
+from jaxgpt.train.loop import next_batch
+from jaxgpt.train.optim import learning_rate_schedule, make_optimizer
+from jaxgpt.train.setup import setup
+from jaxgpt.train.step import make_train_step
 from tests.train_utils import logged_losses, run_train_cli, train_args, write_token_data
 
 TINY = GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=4, n_embd=32)
@@ -33,7 +34,7 @@ def first_losses(data_dir, out_dir, *extra, steps=3):
     run = setup(config, devices)
     losses = []
     for _ in range(steps):
-        run.state, metrics = run.step_fn(run.state, next_batch(run))
+        run.state, metrics = run.step.fn(run.state, next_batch(run))
         losses.append(float(metrics["loss"]))
     run.checkpointer.close()
     return losses, run
@@ -95,7 +96,7 @@ def test_overfitting_one_batch_drives_the_loss_to_zero():
 
 def test_shakespeare_preset_learns(shakespeare_path, tmp_path):
     from jaxgpt.data.prepare import main as prepare
-    from jaxgpt.trainer import train
+    from jaxgpt.train.loop import train
 
     prepare(["--input", str(shakespeare_path), "--out_dir", str(tmp_path / "data")])
     args = ["--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out"), "--max_steps", "40"]
@@ -141,7 +142,7 @@ def test_incompatible_checkpoint_and_nan_stop(data_dir, tmp_path):
 def test_metrics_file_has_the_documented_keys(data_dir, tmp_path):
     import json
 
-    from jaxgpt.trainer import train
+    from jaxgpt.train.loop import train
 
     train(parse_run_config(train_args(data_dir, tmp_path / "out", "--eval_interval", "3")))
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
@@ -155,7 +156,7 @@ def test_metrics_file_has_the_documented_keys(data_dir, tmp_path):
 def test_help_lists_every_flag_with_its_default():
     import dataclasses
 
-    from jaxgpt.train_config import TrainConfig
+    from jaxgpt.train.config import TrainConfig
 
     result = run_train_cli(["--help"])
     assert result.returncode == 0
@@ -166,8 +167,8 @@ def test_help_lists_every_flag_with_its_default():
 
 
 def test_validation_loss_is_the_mean_over_the_first_eval_iters_batches(data_dir, tmp_path):
-    from jaxgpt.losses import cross_entropy
-    from jaxgpt.trainer import evaluate
+    from jaxgpt.model.losses import cross_entropy
+    from jaxgpt.train.loop import evaluate
 
     _, run = first_losses(data_dir, tmp_path / "out", "--mesh", "4x2", steps=1)
     model = run.codec.to_model(run.state.params)

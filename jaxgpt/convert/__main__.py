@@ -13,15 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from jaxgpt.checkpoint import save_model
-from jaxgpt.cli import parse, run
+from jaxgpt.checkpoints.loading import load_model, save_model
+from jaxgpt.checkpoints.run_dir import is_run_dir
 from jaxgpt.convert import save_hf_gpt2
 from jaxgpt.convert.hf_tokenizer import save_hf_tokenizer
-from jaxgpt.errors import UserError
-from jaxgpt.loading import load_model
-from jaxgpt.options import option
-from jaxgpt.run_dir import is_run_dir
-from jaxgpt.swap import replace_dir, staging_dir
+from jaxgpt.core.cli import parse, run
+from jaxgpt.core.errors import UserError
+from jaxgpt.core.options import option
+from jaxgpt.core.swap import replace_dir, staging_dir
 from jaxgpt.tokenizer import tokenizer_of
 
 

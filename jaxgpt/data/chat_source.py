@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from jaxgpt import chat_template as chat
+from jaxgpt.chat import template as chat
+from jaxgpt.core.errors import UserError
 from jaxgpt.data import shards, sources
-from jaxgpt.errors import UserError
 from jaxgpt.tokenizer import Tokenizer
 
 CONVERSATIONS_PER_TASK = 256  # conversations sent to a tokenizer worker at a time

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from jaxgpt.cli import ArgumentParser, run
+from jaxgpt.core.cli import ArgumentParser, run
+from jaxgpt.core.errors import UserError
 from jaxgpt.data import shards
-from jaxgpt.errors import UserError
 
 META = "meta.json"
 

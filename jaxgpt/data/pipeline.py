@@ -43,9 +43,9 @@ import grain
 import jax
 import numpy as np
 
+from jaxgpt.core.errors import UserError
+from jaxgpt.core.options import option
 from jaxgpt.data import shards
-from jaxgpt.errors import UserError
-from jaxgpt.options import option
 
 STATE_FORMAT = "jaxgpt.data.train_iterator/1"
 

@@ -11,7 +11,7 @@ the corpus size.
 
 Crash safety: the new dataset is built in a sibling folder, ``.DIR.partial/`` (shards,
 ``meta.json`` recording every shard, and hard links to any other files ``DIR`` held), which
-then replaces ``DIR`` in one rename (:mod:`jaxgpt.swap`). A run killed at any moment leaves
+then replaces ``DIR`` in one rename (:mod:`jaxgpt.core.swap`). A run killed at any moment leaves
 ``DIR`` as it was, old dataset intact, or wholly new; the next run clears the leftover folder.
 Training checks the shards against ``meta.json`` before it starts (:mod:`jaxgpt.data.meta`).
 """
@@ -32,14 +32,14 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 
-from jaxgpt import cli
-from jaxgpt.chat_template import TEMPLATE
+from jaxgpt.chat.template import TEMPLATE
+from jaxgpt.core import cli
+from jaxgpt.core.errors import UserError
+from jaxgpt.core.options import option
+from jaxgpt.core.swap import replace_dir, staging_dir
 from jaxgpt.data import chat_source, shards, sources
 from jaxgpt.data.meta import META, shard_record, write_meta
 from jaxgpt.data.sources import Piece
-from jaxgpt.errors import UserError
-from jaxgpt.options import option
-from jaxgpt.swap import replace_dir, staging_dir
 from jaxgpt.tokenizer import GPT2, Tokenizer, load_tokenizer
 from jaxgpt.tokenizer.encoding import RANKS_FILE, SPEC_FILE
 from jaxgpt.tokenizer.train import BPEConfig, train_on_corpus

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxgpt.errors import UserError
+from jaxgpt.core.errors import UserError
 
 MAGIC = 20240520
 VERSION = 1

@@ -16,17 +16,17 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from jaxgpt import distributed
-from jaxgpt.cli import build, parser_for, run
-from jaxgpt.config import DType
+from jaxgpt.checkpoints.loading import load_model
+from jaxgpt.core import distributed
+from jaxgpt.core.cli import build, parser_for, run
+from jaxgpt.core.distributed import LaunchConfig
+from jaxgpt.core.errors import UserError
+from jaxgpt.core.options import option
+from jaxgpt.core.sharding import describe, make_mesh, shard_model
 from jaxgpt.data.shards import list_shards
-from jaxgpt.distributed import LaunchConfig
-from jaxgpt.errors import UserError
 from jaxgpt.eval.hellaswag import evaluate_hellaswag, load_hellaswag
 from jaxgpt.eval.loss import evaluate_loss
-from jaxgpt.loading import load_model
-from jaxgpt.options import option
-from jaxgpt.sharding import describe, make_mesh, shard_model
+from jaxgpt.model.config import DType
 from jaxgpt.tokenizer import check_same_tokenizer, tokenizer_of
 
 DOWNLOAD = ""  # the value of a bare --hellaswag: the cached download

@@ -34,14 +34,14 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from jaxgpt.cli import build, parser_for, run
-from jaxgpt.config import DType
-from jaxgpt.errors import UserError
+from jaxgpt.checkpoints.loading import load_model
+from jaxgpt.core.cli import build, parser_for, run
+from jaxgpt.core.errors import UserError
+from jaxgpt.core.options import option
+from jaxgpt.core.sharding import make_mesh, shard_model
 from jaxgpt.eval.scoring import RowScorer, score_rows
-from jaxgpt.loading import load_model
-from jaxgpt.options import option
-from jaxgpt.sampling import generate
-from jaxgpt.sharding import make_mesh, shard_model
+from jaxgpt.model.config import DType
+from jaxgpt.sampling.generate import generate
 from jaxgpt.tokenizer import tokenizer_of
 
 MODEL_NAME = "jaxgpt"

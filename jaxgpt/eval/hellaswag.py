@@ -34,10 +34,10 @@ from typing import NamedTuple
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxgpt.errors import UserError
+from jaxgpt.core.errors import UserError
+from jaxgpt.core.sharding import data_axis_size
 from jaxgpt.eval.scoring import RowScorer, score_rows
-from jaxgpt.model import GPT
-from jaxgpt.sharding import data_axis_size
+from jaxgpt.model.gpt import GPT
 from jaxgpt.tokenizer import Tokenizer
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"

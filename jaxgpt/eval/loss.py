@@ -29,12 +29,12 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from jaxgpt.core.errors import UserError
 from jaxgpt.data.meta import read_meta
 from jaxgpt.data.pipeline import Conversations, TokenStream
 from jaxgpt.data.shards import list_shards
-from jaxgpt.errors import UserError
 from jaxgpt.eval.scoring import RowScorer, pack_rows
-from jaxgpt.model import GPT
+from jaxgpt.model.gpt import GPT
 
 
 def window_batch(stream: TokenStream, first_window: int, batch_size: int, block_size: int, end: int):

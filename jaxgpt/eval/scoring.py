@@ -22,10 +22,10 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jaxgpt.distributed import to_host
-from jaxgpt.losses import model_log_probs, token_log_probs
-from jaxgpt.model import GPT
-from jaxgpt.sharding import batch_sharding, check_batch_divisible
+from jaxgpt.core.distributed import to_host
+from jaxgpt.core.sharding import batch_sharding, check_batch_divisible
+from jaxgpt.model.gpt import GPT
+from jaxgpt.model.losses import model_log_probs, token_log_probs
 
 SMALLEST_BUCKET = 64
 
@@ -53,7 +53,7 @@ class RowScorer:
     """Scores token batches with one model; the batch is split over the mesh's ``data`` axis.
 
     The model is used where it already lives (the caller shards it, e.g. with
-    ``jaxgpt.sharding.shard_model``): evaluation must not move a training model's parameters.
+    ``jaxgpt.core.sharding.shard_model``): evaluation must not move a training model's parameters.
     """
 
     def __init__(self, model: GPT, mesh: Mesh | None = None):

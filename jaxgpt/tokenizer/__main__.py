@@ -7,10 +7,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from jaxgpt.cli import build, parser_for, run
+from jaxgpt.core.cli import build, parser_for, run
+from jaxgpt.core.errors import UserError
+from jaxgpt.core.options import option
 from jaxgpt.data import sources
-from jaxgpt.errors import UserError
-from jaxgpt.options import option
 from jaxgpt.tokenizer.train import BPEConfig, train_on_corpus
 
 PROG = "python -m jaxgpt.tokenizer"

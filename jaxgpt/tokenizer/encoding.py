@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxgpt.errors import UserError
+from jaxgpt.core.errors import UserError
 
 GPT2 = "gpt2"  # the name users give for GPT-2's tokenizer (--tokenizer gpt2)
 ENCODING_NAME = "r50k_base"

@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Literal, Protocol
 
-from jaxgpt.errors import UserError
-from jaxgpt.options import option
+from jaxgpt.core.errors import UserError
+from jaxgpt.core.options import option
 from jaxgpt.tokenizer.encoding import (
     EOT,
     MAX_VOCAB_SIZE,

@@ -1,0 +1,1 @@
+"""Hand-written kernels the model can choose: the Pallas head kernel (GPU) and splash attention (TPU)."""
