@@ -42,7 +42,6 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from jaxgpt.core.errors import UserError  # noqa: E402
-
 from jaxgpt.tokenizer import MAX_VOCAB_SIZE, tokenizer_of  # noqa: E402
 from jaxgpt.tokenizer.encoding import RANKS_FILE, SPEC_FILE, make_encoding  # noqa: E402
 from jaxgpt.tokenizer.train import PATTERNS, BPEConfig, save_trained, train_bpe  # noqa: E402

@@ -133,11 +133,26 @@ _SHAKESPEARE = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout
 
 # Each preset: (TrainConfig, GPTConfig). Numbers follow the recipe named in the comment.
 RUN_PRESETS: dict[str, tuple[TrainConfig, GPTConfig]] = {
-    # A small GPT that learns tiny Shakespeare on a laptop CPU in a few minutes (nanoGPT's CPU recipe).
-    "shakespeare": _run(dict(), _SHAKESPEARE),
+    # The Quick start: the modern recipe below on tiny Shakespeare with its own 4,096-token BPE (prepare
+    # --tokenizer train:4096): the head is 12x smaller than GPT-2's, so a 2-core CPU spends its steps on the model.
+    "shakespeare": _run(
+        dict(optimizer="muon", muon_lr=3e-3, lr=3e-3, max_steps=750, eval_interval=250, save_interval=250),
+        _SHAKESPEARE.replace(**_MODERN, tie_embeddings=False, logit_softcap=30.0, vocab_size=4096),
+    ),
+    # The Quick start before issue 21 (GPT-2's tokenizer, nanoGPT's CPU recipe), on data prepared with --tokenizer gpt2.
+    "shakespeare-gpt2": _run(
+        dict(preset="shakespeare-gpt2", data_dir="data/shakespeare-gpt2", out_dir="out/shakespeare-gpt2"), _SHAKESPEARE
+    ),
     # The same model size, steps and tokens with the modern recipe (bench/bench_recipes.py compares the two).
     "shakespeare-modern": _run(
-        dict(preset="shakespeare-modern", out_dir="out/shakespeare-modern", optimizer="muon", muon_lr=3e-3, lr=3e-3),
+        dict(
+            preset="shakespeare-modern",
+            data_dir="data/shakespeare-gpt2",
+            out_dir="out/shakespeare-modern",
+            optimizer="muon",
+            muon_lr=3e-3,
+            lr=3e-3,
+        ),
         _SHAKESPEARE.replace(**_MODERN, tie_embeddings=False, logit_softcap=30.0),
     ),
     # llm.c / build-nanogpt: 524,288 tokens a step (64 x 1024 x 8 on one GPU; on N GPUs use
@@ -210,6 +225,7 @@ RUN_PRESETS: dict[str, tuple[TrainConfig, GPTConfig]] = {
     "finetune-shakespeare": _run(
         dict(
             preset="finetune-shakespeare",
+            data_dir="data/shakespeare-gpt2",  # GPT-2's tokenizer, as the weights
             out_dir="out/finetune-shakespeare",
             init_from="gpt2",
             max_steps=20,
