@@ -42,6 +42,7 @@ def command(args: list[str], log: Path) -> float:
 def recipe(name: str, corpus: str, work: Path, times: dict[str, tuple[float, float]]) -> None:
     prepare_flags, train_flags = RECIPES[name]
     data, out, log = work / "data", work / "out", work / "log.txt"
+    work.mkdir(parents=True, exist_ok=True)
     prepare = command(["-m", "jaxgpt.data.prepare", "--input", corpus, "--out_dir", str(data), *prepare_flags], log)
     train = command(["train.py", *train_flags, "--data_dir", str(data), "--out_dir", str(out)], log)
     times[name] = (prepare, train)
@@ -66,10 +67,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", default=str(REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))
     parser.add_argument("--sequential", action="store_true", help="run the recipes one after the other")
+    parser.add_argument("--work_dir", default=None, help="keep data, runs and logs here (default: a temporary folder)")
     args = parser.parse_args()
     times: dict[str, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        works = {name: Path(tmp) / f"recipe{i}" for i, name in enumerate(RECIPES)}
+        root = Path(args.work_dir or tmp)
+        works = {name: root / f"recipe{i}" for i, name in enumerate(RECIPES)}
         threads = [threading.Thread(target=recipe, args=(n, args.input, w, times)) for n, w in works.items()]
         for thread in threads:
             thread.start()

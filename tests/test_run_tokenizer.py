@@ -21,7 +21,9 @@ from jaxgpt.train.config import parse_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 320
-TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "8"]
+# GPT-2's architecture (which Hugging Face exports), tiny; the vocabulary is the data's tokenizer's
+TINY = ["--preset", "shakespeare-gpt2", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32"]
+TINY += ["--batch_size", "8"]
 
 
 @pytest.fixture(scope="module")
