@@ -143,12 +143,12 @@ def chat_files(path: Path) -> list[Path]:
         return [path]
     files = sorted(p for p in path.rglob("*.jsonl") if p.is_file())
     if not files:
-        raise UserError(f"{path} holds no .jsonl files; --format chat reads JSON lines with 'messages'")
+        raise UserError(f"{path} holds no .jsonl files; --format chat and preference read JSON lines")
     return files
 
 
-def file_conversations(path: Path, bad: BadLines) -> Iterator[tuple[list[chat.Message], str]]:
-    """(messages, "file:line") of every good line of the chat files at ``path``."""
+def file_records(path: Path, bad: BadLines, parse: Callable[[str], Any] = parse_line) -> Iterator[tuple[Any, str]]:
+    """(``parse(line)``, "file:line") of every good line of the JSON-lines files at ``path``."""
     for file in chat_files(path):
         try:
             with open(file, encoding="utf-8") as f:
@@ -157,7 +157,7 @@ def file_conversations(path: Path, bad: BadLines) -> Iterator[tuple[list[chat.Me
                         continue
                     origin = f"{file}:{number}"
                     try:
-                        yield parse_line(line), origin
+                        yield parse(line), origin
                     except BadLine as err:
                         bad.reject(origin, str(err))
         except UnicodeDecodeError as err:
@@ -185,7 +185,7 @@ def conversations(
         found = hub_conversations(dataset, bad, data_files)
         source = data_files or f"hf://{HUB_CHAT_DATASETS[dataset][0]}"
     else:
-        found, source = file_conversations(Path(input_path), bad), str(input_path)  # type: ignore[arg-type]
+        found, source = file_records(Path(input_path), bad), str(input_path)  # type: ignore[arg-type]
     split = lambda i: "val" if sources.is_val_document(i, val_fraction) else "train"
     dealt = (Conversation(m, origin, split(i)) for i, (m, origin) in enumerate(found))
     return dealt, source

@@ -46,6 +46,8 @@ import numpy as np
 from jaxgpt.core.errors import UserError
 from jaxgpt.core.options import option
 from jaxgpt.data import shards
+from jaxgpt.data.meta import read_meta
+from jaxgpt.data.preference import FORMAT as PREFERENCE_FORMAT
 
 STATE_FORMAT = "jaxgpt.data.train_iterator/1"
 
@@ -200,7 +202,20 @@ class Conversations:
         return batch
 
 
-Examples = Windows | Conversations
+class Pairs(Conversations):
+    """Preference examples (``prepare --format preference``): pair ``i`` is conversations ``2i`` (chosen) and
+    ``2i + 1`` (rejected), batched as ``chosen_*`` and ``rejected_*`` arrays of the same rows."""
+
+    def __len__(self) -> int:
+        return super().__len__() // 2
+
+    def batch(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        ids = 2 * np.asarray(ids)
+        halves = {"chosen": super().batch(ids), "rejected": super().batch(ids + 1)}
+        return {f"{half}_{key}": value for half, batch in halves.items() for key, value in batch.items()}
+
+
+Examples = Windows | Conversations | Pairs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +248,8 @@ def open_examples(data_dir: str | os.PathLike, split: str, block_size: int, voca
     """The split's examples: conversations for chat shards, windows otherwise; none at all is an error."""
     stream = TokenStream.open(data_dir, split, vocab_size)
     examples = Windows(stream, block_size) if stream.labels is None else Conversations(stream, block_size)
+    if stream.labels is not None and read_meta(data_dir).get("format") == PREFERENCE_FORMAT:
+        examples = Pairs(stream, block_size)
     if len(examples) == 0:
         raise UserError(
             f"the '{split}' split of {data_dir} has {stream.num_tokens} tokens, fewer than one example of "

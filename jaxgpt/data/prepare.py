@@ -37,7 +37,7 @@ from jaxgpt.core import cli
 from jaxgpt.core.errors import UserError
 from jaxgpt.core.options import option
 from jaxgpt.core.swap import replace_dir, staging_dir
-from jaxgpt.data import chat_source, shards, sources
+from jaxgpt.data import chat_source, preference, shards, sources
 from jaxgpt.data.meta import META, shard_record, write_meta
 from jaxgpt.data.sources import Piece
 from jaxgpt.tokenizer import GPT2, Tokenizer, load_tokenizer
@@ -63,8 +63,10 @@ class PrepareConfig:
         "gpt2, a folder holding a tokenizer (python -m jaxgpt.tokenizer train), or train:N to train one of N "
         "tokens on the train split (saved with the shards)",
     )
-    format: Literal["text", "chat"] | None = option(
-        None, "chat: JSON lines of conversations, written with loss masks (None: chat for alpaca/dolly, else text)"
+    format: Literal["text", "chat", "preference"] | None = option(
+        None,
+        "chat: JSON lines of conversations, written with loss masks; preference: TRL's prompt/chosen/rejected lines "
+        "for DPO (None: chat for alpaca/dolly, else text)",
     )
     block_size: int = option(1024, "chat: the most tokens a conversation may have (training's --block_size)")
     truncate: bool = option(False, "chat: cut longer conversations to --block_size tokens instead of rejecting them")
@@ -97,6 +99,8 @@ class PrepareConfig:
         if self.format == "chat" and self.dataset is not None and self.dataset not in chat_source.HUB_CHAT_DATASETS:
             chat_sets = ", ".join(chat_source.HUB_CHAT_DATASETS)
             raise UserError(f"--dataset {self.dataset} is text, not chat; the chat datasets are {chat_sets}")
+        if self.format == "preference" and self.input is None:
+            raise UserError("--format preference reads --input (JSON lines with prompt, chosen, rejected)")
 
     @property
     def train_vocab_size(self) -> int | None:
@@ -110,8 +114,10 @@ class PrepareConfig:
 
     @property
     def is_chat(self) -> bool:
-        """Whether the corpus is conversations: --format chat, or by default a hub chat dataset."""
-        return self.format == "chat" or (self.format is None and self.dataset in chat_source.HUB_CHAT_DATASETS)
+        """Whether the corpus is conversations (or preference pairs): --format chat or preference, or by default a
+        hub chat dataset."""
+        chat = self.format is None and self.dataset in chat_source.HUB_CHAT_DATASETS
+        return self.format in ("chat", "preference") or chat
 
     @property
     def dataset_name(self) -> str:
@@ -313,11 +319,15 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     try:
         tokenizer = dataset_tokenizer(config, out_dir, staging)
         if config.is_chat:
-            found, source = chat_source.conversations(
-                config.input, config.dataset, config.val_fraction, bad, config.data_files
-            )
+            if config.format == "preference":
+                found, source = preference.pairs(config.input, config.val_fraction, bad)  # type: ignore[arg-type]
+            else:
+                found, source = chat_source.conversations(
+                    config.input, config.dataset, config.val_fraction, bad, config.data_files
+                )
+            source_module = preference if config.format == "preference" else chat_source
             encode = functools.partial(
-                chat_source.encode_batch, tokenizer=tokenizer, block_size=config.block_size, truncate=config.truncate
+                source_module.encode_batch, tokenizer=tokenizer, block_size=config.block_size, truncate=config.truncate
             )
             accepted = chat_source.accepted(bounded_imap(encode, chat_source.batches(found), num_proc), bad)
             examples = ((split, tokens, labels, 0) for split, tokens, labels in accepted)
@@ -361,7 +371,9 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         for split, size in text_bytes.items():
             meta["splits"][split]["bytes"] = size  # tokens / bytes turns nats per token into bits per byte
     if config.is_chat:
-        meta.update(format="chat", template=TEMPLATE, block_size=config.block_size, truncate=config.truncate)
+        meta.update(
+            format=config.format or "chat", template=TEMPLATE, block_size=config.block_size, truncate=config.truncate
+        )
         meta.update(longest_conversation=longest, skipped_bad_lines=bad.count, first_skipped=bad.first)
         for split, count in conversations.items():
             meta["splits"][split]["conversations"] = count

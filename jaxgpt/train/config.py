@@ -66,11 +66,15 @@ class TrainConfig:
     tensorboard: bool = option(False, "also log metrics and samples as TensorBoard events in out_dir/tb")
     wandb_project: str | None = option(None, "also log metrics, samples and configs to this Weights & Biases project")
     profile_steps: str | None = option(None, "START:STOP: JAX profiler trace of these steps in out_dir/profile")
+    objective: Literal["lm", "dpo"] = option(
+        "lm", "lm: next-token loss; dpo: DPO on preference pairs against init_from"
+    )
+    dpo_beta: float = option(0.1, "DPO's beta: how far the policy may move from the reference (TRL's default)")
 
     def __post_init__(self) -> None:
         positive = (
             "max_steps", "batch_size", "grad_accum", "log_interval", "eval_iters", "save_interval",
-            "keep_checkpoints", "eps", "lr_decay_steps", "hellaswag_items", "peak_flops",
+            "keep_checkpoints", "eps", "lr_decay_steps", "hellaswag_items", "peak_flops", "dpo_beta",
         )  # fmt: skip
         non_negative = (
             "warmup_steps", "weight_decay", "grad_clip", "eval_interval", "sample_interval", "sample_tokens",
@@ -202,6 +206,17 @@ _RECIPES: dict[str, tuple[dict[str, Any], GPTConfig]] = {
             eval_interval=200, eval_iters=20, save_interval=500,
         ),
         preset("gpt2", dropout=0.1),
+    ),
+    # Preference tuning of an SFT run on pairs (prepare --format preference) with TRL's DPOTrainer defaults: beta 0.1,
+    # lr 1e-6 decaying to 0, 8 pairs a step, 3 epochs, no weight decay, Adam betas 0.9/0.999, dropout off.
+    "dpo": (
+        dict(
+            data_dir="data/preference", init_from="out/sft", objective="dpo", epochs=3.0, batch_size=8,
+            lr=1e-6, weight_decay=0.0, beta2=0.999,
+            min_lr=0.0, warmup_steps=0,
+            eval_interval=200, eval_iters=20, save_interval=500, sample_tokens=0,
+        ),
+        preset("gpt2", dropout=0.0),
     ),
 }  # fmt: skip
 RUN_PRESETS: dict[str, tuple[TrainConfig, GPTConfig]] = {

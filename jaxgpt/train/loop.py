@@ -33,6 +33,7 @@ from jaxgpt.train.config import RunConfig, TrainConfig
 from jaxgpt.train.lifecycle import removed_if_left_empty, summary
 from jaxgpt.train.profiling import StepProfiler, parse_profile_steps
 from jaxgpt.train.setup import Run, describe, setup
+from jaxgpt.train.step import Objective
 from jaxgpt.train.tracking import open_trackers
 
 
@@ -63,9 +64,14 @@ def evaluate(run: Run) -> float:
 
 
 def validation(run: Run) -> dict[str, float]:
-    """The validation loss and, for text data, its bits per byte (comparable across tokenizers)."""
-    loss = evaluate(run)
-    return {"val_loss": loss, **bits_per_byte(loss, run.config.data_dir)}
+    """What an evaluation logs: ``val_loss`` and, for text data, its bits per byte (comparable across
+    tokenizers), or an objective's own metrics on the val split (DPO: its loss and rewards on the first
+    ``eval_iters`` batches of val pairs)."""
+    if run.objective is None:
+        loss = evaluate(run)
+        return {"val_loss": loss, **bits_per_byte(loss, run.config.data_dir)}
+    cfg, args = run.config, (run.codec, run.state.params, run.reference, run.config.data_dir)
+    return run.objective.evaluate(*args, batch_size=cfg.batch_size, max_batches=cfg.eval_iters, mesh=run.mesh)
 
 
 def sample_text(run: Run, num_tokens: int, seed: int) -> str:
@@ -176,7 +182,7 @@ class Hooks:
         return [hook for hook in self._hooks if due(step, hook.every, last and hook.at_end)]
 
 
-def train(run_config: RunConfig) -> dict[str, Any]:
+def train(run_config: RunConfig, objective: Objective | None = None) -> dict[str, Any]:
     """Runs (or resumes) training to ``max_steps``; returns the last logged record.
 
     The run directory is locked for the whole run (on process 0), so two runs never share one.
@@ -185,7 +191,7 @@ def train(run_config: RunConfig) -> dict[str, Any]:
     out_dir = run_config.train_config.out_dir
     lock = RunLock(out_dir) if distributed.is_main_process() else contextlib.nullcontext()
     with removed_if_left_empty(out_dir), lock:  # a run that fails to start leaves no empty folder
-        return _train(run_config)
+        return _train(run_config, objective)
 
 
 def default_hooks(run: Run, say: Callable[[str], None], trackers: Any) -> Hooks:
@@ -207,9 +213,9 @@ def default_hooks(run: Run, say: Callable[[str], None], trackers: Any) -> Hooks:
     return hooks
 
 
-def _train(run_config: RunConfig) -> dict[str, Any]:
+def _train(run_config: RunConfig, objective: Objective | None) -> dict[str, Any]:
     began = time.perf_counter()
-    run = setup(run_config)
+    run = setup(run_config, objective=objective)
     cfg = run.config
     is_main = distributed.is_main_process()
     writer = MetricsWriter(cfg.out_dir, enabled=is_main)

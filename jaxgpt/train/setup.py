@@ -25,12 +25,12 @@ from jaxgpt.core.sharding import check_batch_divisible, make_mesh
 from jaxgpt.data.meta import check_dataset
 from jaxgpt.data.pipeline import DataConfig, make_train_iterator, open_examples, restore_iterator
 from jaxgpt.model.config import GPTConfig, runtime_fields, shape_fields
-from jaxgpt.model.params import ParamCodec
+from jaxgpt.model.params import ParamCodec, Params
 from jaxgpt.tokenizer import Tokenizer
 from jaxgpt.train.config import RunConfig, TrainConfig
 from jaxgpt.train.lifecycle import check_not_complete, start_fresh
 from jaxgpt.train.run_tokenizer import run_tokenizer, save_run_tokenizer, with_vocab
-from jaxgpt.train.step import TrainStep, build_step
+from jaxgpt.train.step import Objective, TrainStep, build_step
 
 
 @dataclasses.dataclass
@@ -49,6 +49,8 @@ class Run:
     checkpointer: Checkpointer
     flops_per_token: float
     resumed_from: int | None
+    objective: Objective | None = None  # None: the next-token loss
+    reference: Params | None = None  # with an objective: the frozen init_from weights, sharded like the params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,16 +63,19 @@ class Start:
     params: dict[str, np.ndarray] | None = None  # pretrained weights (fine-tuning)
 
 
-def setup(run_config: RunConfig, devices: list | None = None) -> Run:
-    """Builds the run; ``devices`` (default: all) is what ``--mesh`` must cover exactly."""
+def setup(run_config: RunConfig, devices: list | None = None, objective: Objective | None = None) -> Run:
+    """Builds the run; ``devices`` (default: all) is what ``--mesh`` must cover exactly. An ``objective``
+    (``jaxgpt.rl``'s DPO) replaces the next-token loss and trains against the frozen ``init_from`` weights."""
     cfg = run_config.train_config
+    if (cfg.objective == "lm") != (objective is None):
+        raise UserError(f"--objective {cfg.objective} needs its objective: run it with train.py")
     mesh = make_mesh(cfg.mesh, devices)
     if cfg.fresh:
         start_fresh(cfg.out_dir)
     make_run_dir(cfg.out_dir)
     checkpointer = Checkpointer(cfg.out_dir, keep_last=cfg.keep_checkpoints)
     try:
-        return _build(run_config, mesh, checkpointer)
+        return _build(run_config, mesh, checkpointer, objective)
     except BaseException:
         checkpointer.close()  # a failed setup must not leave Orbax's background threads behind
         raise
@@ -90,7 +95,7 @@ def starting_point(run_config: RunConfig, checkpointer: Checkpointer) -> Start:
     return Start(run_config.model_config, cfg)
 
 
-def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run:
+def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer, objective: Objective | None) -> Run:
     start = starting_point(run_config, checkpointer)
     model_config, cfg = start.model_config, start.train_config
     resumed, pretrained = start.resume_step is not None, start.params is not None
@@ -107,7 +112,12 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
         cfg = cfg.for_examples(len(open_examples(cfg.data_dir, "train", model_config.block_size)))
     if start.resume_step is not None:
         check_not_complete(cfg.out_dir, start.resume_step, cfg.max_steps)
-    step = build_step(model_config, cfg, mesh)
+    step = build_step(model_config, cfg, mesh, objective=objective)
+    reference = None
+    if objective is not None:  # the starting weights, also on resume: one frozen copy for the whole run
+        weights = start.params if start.params is not None else _pretrained(run_config)[1]
+        reference = jax.device_put(weights, step.shardings.params)
+        step = step.with_reference(reference)
     resumed_from = None
     if start.resume_step is not None:  # restore into shapes only: nothing is initialised just to be overwritten
         abstract = step.abstract_state(cfg.seed)
@@ -141,6 +151,8 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
         checkpointer=checkpointer,
         flops_per_token=step.flops_per_token,
         resumed_from=resumed_from,
+        objective=objective,
+        reference=reference,
     )
 
 
