@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command for a GPU hour: install what is missing, run the parity tests on the device, then the
-# train-step, decode and HellaSwag benchmarks; everything lands in one report with device and date.
+# train-step, decode, serving and HellaSwag benchmarks; everything lands in one report with device and date.
 #
 #   bash bench/gpu.sh            # on a GPU machine: GPT-2 124M, bf16, micro-batch 16/32/64
 #   bash bench/gpu.sh --tiny     # anywhere (CPU): tiny sizes, a few minutes; checks the script itself
@@ -26,6 +26,13 @@ if ! python3 -c "import grain" 2>/dev/null; then
     python3 -m pip install --quiet grain==0.2.18
   fi
 fi
+if ! python3 -c "import fastapi, uvicorn, httpx" 2>/dev/null; then  # bench.bench_serve's server and clients
+  if [[ -d .whl ]]; then
+    python3 -m pip install --quiet --no-index --find-links .whl fastapi==0.165.0 uvicorn==0.55.0 httpx
+  else
+    python3 -m pip install --quiet fastapi==0.165.0 uvicorn==0.55.0 httpx
+  fi
+fi
 PLATFORM=$(python3 -c "import jax; print(jax.default_backend())")
 DEVICE=$(python3 -c "import jax; print(jax.devices()[0].device_kind.replace(' ', '_'))")
 DATE=$(date -u +%Y-%m-%d)
@@ -44,12 +51,14 @@ if $TINY; then
   BATCHES=(4 8); ATTENTION=(xla); LOSSES=(fused plain); TEST_PLATFORM=cpu; TESTS=(tests/test_fused_loss.py)
   SAMPLE=(--batch_sizes 1,2 --prompt_len 8 --new_tokens 8 --repeats 1 --hf false)
   EVAL=(--items 4 --batch_size 2)
+  SERVE=(--clients 2 --prompt_len 8 --new_tokens 4 --naive_requests 1)
 else
   TRAIN=(--preset gpt2-124m-fineweb --grad_accum 1 --steps 20)
   BATCHES=(16 32 64); ATTENTION=(cudnn xla); LOSSES=(fused fused_pallas plain); TEST_PLATFORM="$PLATFORM"
   TESTS=(tests/test_model.py tests/test_fused_loss.py tests/test_head_kernel.py tests/test_convert.py)
   SAMPLE=(--batch_sizes 1,8,64 --dtype bfloat16)
   EVAL=(--items 512 --batch_size 32 --dtype bfloat16)
+  SERVE=(--clients 32 --new_tokens 64 --dtype bfloat16)
 fi
 
 section "Parity tests on ${TEST_PLATFORM}"
@@ -68,6 +77,9 @@ done
 
 section "Decode (bench.bench_sample, next to transformers where asked)"
 bench python3 -m bench.bench_sample "${SAMPLE[@]}"
+
+section "Serving (bench.bench_serve: concurrent streaming clients against transformers one request at a time)"
+bench python3 -m bench.bench_serve "${SERVE[@]}"
 
 section "HellaSwag scoring (bench.bench_eval)"
 bench python3 -m bench.bench_eval "${EVAL[@]}"

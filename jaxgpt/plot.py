@@ -25,6 +25,7 @@ def read_series(out_dir: str | Path) -> dict[str, tuple[list[int], list[float]]]
 
 
 def plot(out_dir: str | Path, output: str | Path | None = None) -> Path:
+    """Draws a run's curves from its metrics.jsonl into a PNG (default: OUT_DIR/curves.png); returns its path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,6 +54,7 @@ def plot(out_dir: str | Path, output: str | Path | None = None) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m jaxgpt.plot OUT_DIR``: writes the PNG and says where."""
     parser = ArgumentParser(prog="python -m jaxgpt.plot", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="a training out_dir holding metrics.jsonl")
     parser.add_argument("--output", default=None, help="PNG path (default: OUT_DIR/curves.png)")

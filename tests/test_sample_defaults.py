@@ -9,12 +9,12 @@ import jax
 import pytest
 from flax import nnx
 
-from jaxgpt.chat.repl import ReplyStream
 from jaxgpt.model.config import GPTConfig
 from jaxgpt.model.gpt import GPT
 from jaxgpt.plan import report as plan
 from jaxgpt.sampling import text as text_sampling
 from jaxgpt.sampling.config import SampleConfig
+from jaxgpt.sampling.text import TextStream
 from jaxgpt.tokenizer.encoding import get_tokenizer
 
 MODEL = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16), nnx.Rngs(0))
@@ -32,7 +32,7 @@ def test_new_tokens_default_to_what_fits_the_context(monkeypatch, prompt, max_ne
 
 def test_chat_answers_start_at_their_first_visible_character():
     tok, out = get_tokenizer(), io.StringIO()
-    stream = ReplyStream(out)
+    stream = TextStream(tok, out, strip_space=True, end="\n")  # as sample.py --chat writes replies
     for token in [*tok.encode(" \n\nJuliet, my love."), tok.eot_id]:
         stream(0, token)
     stream.close()

@@ -8,7 +8,6 @@ output holds only the answers, one line each.
 
 from __future__ import annotations
 
-import codecs
 import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
@@ -18,48 +17,10 @@ import jax
 from jaxgpt.chat.reply import Message, generate_reply, prompt_room
 from jaxgpt.core.errors import UserError
 from jaxgpt.model.gpt import GPT
-from jaxgpt.tokenizer.encoding import EOT_ID, get_tokenizer
+from jaxgpt.sampling.text import TextStream
+from jaxgpt.tokenizer.encoding import get_tokenizer
 
 USER_PROMPT = "you> "
-
-
-def user_lines(stdin: TextIO) -> Iterator[str]:
-    """Each line of ``stdin`` (prompting on a terminal); blank lines are skipped."""
-    while True:
-        if stdin.isatty():
-            print(USER_PROMPT, end="", file=sys.stderr, flush=True)
-        line = stdin.readline()
-        if not line:
-            return
-        if line.strip():
-            yield line.rstrip("\n")
-
-
-class ReplyStream:
-    """``generate``'s on_token: writes the answer as it comes, without leading whitespace and the closing EOT.
-
-    A model trained on plays answers ``Assistant:`` as a speaker's name, with a newline first: that, like
-    the template's space, is not shown (as in ``Reply.text``).
-    """
-
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._started = False
-
-    def __call__(self, row: int, token: int) -> None:
-        if token == EOT_ID:
-            return
-        text = self._utf8.decode(get_tokenizer().decode_bytes([token]))
-        if not self._started:
-            text = text.lstrip()
-            self._started = bool(text)
-        self.out.write(text)
-        self.out.flush()
-
-    def close(self) -> None:
-        self.out.write(self._utf8.decode(b"", final=True) + "\n")
-        self.out.flush()
 
 
 def chat(
@@ -82,7 +43,7 @@ def chat(
     prompt_room(model, max_new_tokens)  # fail before the first line if nothing could ever fit
     history: list[Message] = [{"role": "system", "content": system}] if system else []
     for i, line in enumerate(lines):
-        stream = ReplyStream(out)
+        stream = TextStream(get_tokenizer(), out, strip_space=True, end="\n")
         try:
             reply = generate_reply(
                 model, [*history, {"role": "user", "content": line}], max_new_tokens,

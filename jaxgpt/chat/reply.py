@@ -34,6 +34,8 @@ def prompt_room(model: GPT, max_new_tokens: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Reply:
+    """What ``generate_reply`` returns: the answer's text and the history to continue the conversation from."""
+
     text: str  # the assistant's answer, without leading whitespace (the template's space) and closing EOT
     history: list[Message]  # the messages the reply saw (oldest turns dropped to fit), then the reply
     dropped: int  # messages dropped from the front of the history to fit the context

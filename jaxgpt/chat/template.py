@@ -45,6 +45,8 @@ class ChatError(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class Rendered:
+    """A conversation as the model reads it: its tokens and the loss mask over them."""
+
     tokens: np.ndarray  # int32 [n]
     mask: np.ndarray  # uint8 [n]: 1 where the token is trained (the assistant's content and its closing EOT)
 

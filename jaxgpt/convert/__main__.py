@@ -42,6 +42,8 @@ def check_destination(dst: Path, overwrite: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m jaxgpt.convert``: loads ``--src`` and writes it to ``--dst`` in the asked format, built aside
+    and swapped in whole."""
     args = parse(ConvertConfig, argv, prog="python -m jaxgpt.convert")
     dst = Path(args.dst)
     check_destination(dst, args.overwrite)

@@ -88,6 +88,7 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> GPTConfig:
 
 
 def config_to_hf(config: GPTConfig) -> dict[str, Any]:
+    """The Hugging Face ``config.json`` (transformers' GPT2Config fields) of a GPT-2-architecture config."""
     return {
         "model_type": "gpt2",
         "architectures": ["GPT2LMHeadModel"],

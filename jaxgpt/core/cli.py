@@ -24,6 +24,7 @@ T = TypeVar("T")
 
 
 def parse_bool(text: str) -> bool:
+    """A flag's true/false text (also 1/0, yes/no, on/off); anything else is an argparse error."""
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
@@ -95,6 +96,7 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
+        """A usage mistake as a UserError (one ``error:`` line), not argparse's usage text and exit."""
         raise UserError(f"{message} (see {self.prog} --help)")
 
 

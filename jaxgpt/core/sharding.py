@@ -156,6 +156,7 @@ def gather_weights(params: dict[str, jax.Array], compute_shardings: dict[str, Na
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """A whole copy of an array on every device of ``mesh`` (scalars, small state)."""
     return NamedSharding(mesh, PartitionSpec())
 
 
@@ -170,6 +171,7 @@ def describe(mesh: Mesh) -> str:
 
 
 def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = "batch size") -> None:
+    """A UserError naming ``what`` unless ``batch_size`` rows split evenly over the mesh's data axis."""
     data = data_axis_size(mesh)
     if batch_size % data:
         raise UserError(

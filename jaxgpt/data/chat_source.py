@@ -39,11 +39,13 @@ SKIP_HINT = "fix the line, or pass --skip_bad to skip bad lines"
 
 
 def alpaca_messages(row: dict[str, Any]) -> list[chat.Message]:
+    """One Alpaca row (instruction, optional input, output) as a user turn and the assistant's answer."""
     user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
     return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
 
 
 def dolly_messages(row: dict[str, Any]) -> list[chat.Message]:
+    """One Dolly row (instruction, optional context, response) as a user turn and the assistant's answer."""
     user = row["instruction"] + (f"\n\n{row['context']}" if row.get("context") else "")
     return [{"role": "user", "content": user}, {"role": "assistant", "content": row["response"]}]
 
@@ -68,6 +70,7 @@ class BadLines:
         self.first: str | None = None  # the first skipped line and why, for the summary
 
     def reject(self, origin: str, reason: str) -> None:
+        """With ``skip``, counts a bad line (remembering the first); without, stops preparation with it."""
         if not self.skip:
             raise UserError(f"{origin}: {reason}; {SKIP_HINT}")
         self.count += 1
@@ -76,6 +79,8 @@ class BadLines:
 
 @dataclasses.dataclass(frozen=True)
 class Conversation:
+    """One conversation read from a file or a hub dataset, where it came from and the split it goes to."""
+
     messages: list[chat.Message]
     origin: str  # "file:line" or "dataset row N", for error messages
     split: str
@@ -123,6 +128,7 @@ def line_messages(record: object) -> list[chat.Message]:
 
 
 def parse_line(line: str) -> list[chat.Message]:
+    """The messages of one JSON line of a chat file; text that is not JSON or not a conversation is a BadLine."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
@@ -185,6 +191,7 @@ def conversations(
 
 
 def batches(items: Iterable[Conversation], size: int = CONVERSATIONS_PER_TASK) -> Iterator[list[Conversation]]:
+    """``items`` in lists of ``size`` (the last one shorter): the units of work the encoding processes take."""
     batch: list[Conversation] = []
     for item in items:
         batch.append(item)

@@ -93,6 +93,7 @@ class TokenStream:
 
     @classmethod
     def open(cls, data_dir: str | os.PathLike, split: str, vocab_size: int | None = 50257) -> TokenStream:
+        """The shards of one split of a dataset directory, read as one stream (ids checked below ``vocab_size``)."""
         if split not in shards.SPLITS:
             raise UserError(f"split must be one of {shards.SPLITS}, got {split!r}")
         return cls(shards.list_shards(data_dir, split), vocab_size)
@@ -159,6 +160,7 @@ class Windows:
         return self.stream.num_windows(self.block_size)
 
     def batch(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Inputs and targets [len(ids), block_size] of the windows ``ids``."""
         return windows_to_batch(self.stream, ids, self.block_size)
 
 
@@ -185,6 +187,8 @@ class Conversations:
         return len(self.bounds) - 1
 
     def batch(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Inputs, targets and loss weights [len(ids), block_size] of conversations ``ids``, each alone in
+        its row, padded with weight 0."""
         shape = (len(ids), self.block_size)
         batch = {"inputs": np.zeros(shape, np.int32), "targets": np.zeros(shape, np.int32)}
         batch["weights"] = np.zeros(shape, np.float32)

@@ -91,16 +91,19 @@ class PrepareConfig:
 
     @property
     def is_chat(self) -> bool:
+        """Whether the corpus is conversations: --format chat, or by default a hub chat dataset."""
         return self.format == "chat" or (self.format is None and self.dataset in chat_source.HUB_CHAT_DATASETS)
 
     @property
     def dataset_name(self) -> str:
+        """The shards' file-name prefix: --name, else the hub dataset's name or the input file's stem."""
         if self.name:
             return self.name
         return self.dataset or Path(self.input).resolve().stem  # type: ignore[arg-type]
 
     @property
     def output_dir(self) -> Path:
+        """Where the shards go: --out_dir, else data/<dataset_name>."""
         return Path(self.out_dir) if self.out_dir else Path("data") / self.dataset_name
 
 
@@ -186,6 +189,7 @@ class ShardWriter:
         self.records: list[dict[str, Any]] = []  # meta.json's entry for each shard written
 
     def add(self, tokens: np.ndarray, labels: np.ndarray | None = None) -> None:
+        """Appends tokens (and, for chat, their loss labels) to the split, writing each shard as it fills."""
         assert tokens.dtype == np.uint16 and tokens.ndim == 1, (tokens.dtype, tokens.shape)
         assert labels is None or labels.shape == tokens.shape, (labels.shape, tokens.shape)
         if self.buffer is None:
@@ -204,6 +208,7 @@ class ShardWriter:
                 self.flush()
 
     def flush(self) -> None:
+        """Writes the partly filled shard, if any, and records it for meta.json."""
         if not self.filled:
             return
         path = self.directory / shards.shard_name(self.name, self.split, len(self.paths))
@@ -256,6 +261,7 @@ def publish(staging: Path, out_dir: Path, name: str, meta: dict[str, Any]) -> No
 
 
 def check_not_empty(writers: dict[str, ShardWriter], val_fraction: float, source: str) -> None:
+    """A UserError if the corpus gave no tokens to train on, or none for a val split that was asked for."""
     if writers["train"].num_tokens == 0:
         raise UserError(f"{source} holds no text: 0 tokens to train on")
     if val_fraction > 0 and writers["val"].num_tokens == 0:
@@ -320,6 +326,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m jaxgpt.data.prepare``: tokenises a corpus into shards and says what it wrote."""
     config = cli.parse(PrepareConfig, argv, prog="python -m jaxgpt.data.prepare")
     meta = prepare(config)
     counts = {split: meta["splits"][split] for split in shards.SPLITS}

@@ -222,6 +222,7 @@ def hub_documents(dataset: str, data_files: str | None = None) -> Iterator[Itera
 
 
 def fetch(url: str, timeout: float = 30.0) -> bytes:
+    """The body of ``url``, read whole: for downloads small enough to hold in memory."""
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return response.read()
 

@@ -34,13 +34,11 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from jaxgpt.checkpoints.loading import load_model
+from jaxgpt.checkpoints.loading import LoadConfig, load_sharded
 from jaxgpt.core.cli import build, parser_for, run
 from jaxgpt.core.errors import UserError
 from jaxgpt.core.options import option
-from jaxgpt.core.sharding import make_mesh, shard_model
 from jaxgpt.eval.scoring import RowScorer, score_rows
-from jaxgpt.model.config import DType
 from jaxgpt.sampling.generate import generate
 from jaxgpt.tokenizer.encoding import get_tokenizer
 
@@ -90,8 +88,7 @@ class JaxGPTLM(TemplateLM):
             known = "init_from, dtype, batch_size, mesh, max_gen_toks, seed"
             raise UserError(f"unknown jaxgpt model_args {sorted(unknown)}; known: {known}")
         self.batch_size = parse_batch_size(batch_size)
-        self.mesh = make_mesh(None if mesh is None else str(mesh))
-        self.model = shard_model(load_model(str(init_from), dtype=dtype), self.mesh)
+        self.model, self.mesh = load_sharded(str(init_from), None if mesh is None else str(mesh), dtype=dtype)
         self.scorer = RowScorer(self.model, self.mesh)
         self.scorer.check_rows(self.batch_size, "batch_size")
         self.bpe = get_tokenizer()
@@ -104,6 +101,7 @@ class JaxGPTLM(TemplateLM):
 
     @property
     def eot_token_id(self) -> int:
+        """GPT-2's <|endoftext|>: lm-eval's default prefix of rolling windows and a stop sequence."""
         return self.bpe.eot_id
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
@@ -115,6 +113,7 @@ class JaxGPTLM(TemplateLM):
         return self.bpe.decode([t for t in tokens if t != self.eot_token_id])
 
     def get_model_info(self) -> dict:
+        """What lm-eval records about the model in its results: the parameter count and the config."""
         n_params = sum(x.size for x in jax.tree.leaves(nnx.state(self.model, nnx.Param)))
         return {"model_num_parameters": n_params, **self.model.config.to_dict()}
 
@@ -207,12 +206,9 @@ class JaxGPTLM(TemplateLM):
 
 
 @dataclasses.dataclass(frozen=True)
-class HarnessConfig:
+class HarnessConfig(LoadConfig):
     """Run lm-evaluation-harness tasks on a jaxgpt model; every other flag is lm-eval's (lm-eval run --help)."""
 
-    init_from: str = option("gpt2", "training checkpoint directory, Hugging Face GPT-2 directory or hub id")
-    mesh: str | None = option(None, "device mesh DxM (data x model); default: every device on data")
-    dtype: DType = option("float32", "compute dtype of the model")
     batch_size: int = option(DEFAULT_BATCH_SIZE, "rows per compiled call, split over the mesh's data axis")
     max_gen_toks: int = option(DEFAULT_MAX_GEN_TOKS, "new tokens per generation unless the task sets its own")
 
@@ -230,6 +226,8 @@ def lm_eval_argv(config: HarnessConfig, rest: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m jaxgpt.eval.harness``: lm-eval's own command line, with model jaxgpt and these flags as its
+    model_args."""
     parser = parser_for("python -m jaxgpt.eval.harness", HarnessConfig.__doc__, (HarnessConfig, None))
     parser.epilog = "lm-eval's flags: --tasks, --num_fewshot, --limit, --output_path, --log_samples, ..."
     known, rest = parser.parse_known_args(argv)

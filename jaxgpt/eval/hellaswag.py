@@ -29,7 +29,7 @@ import urllib.request
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from jax.sharding import Mesh
@@ -207,16 +207,10 @@ def score_endings(
     return EndingScores(sum_logprob=sums, mean_logprob=sums / counts, num_tokens=counts)
 
 
-def evaluate_hellaswag(
-    model: GPT,
-    items: Sequence[HellaSwagItem],
-    *,
-    batch_size: int | None = None,
-    mesh: Mesh | None = None,
-    progress: bool = True,
-) -> dict:
-    """``{"acc", "acc_norm", "num_items"}``: accuracy of the summed and of the per-token log-likelihood."""
-    scores = score_endings(model, items, batch_size=batch_size, mesh=mesh, progress=progress)
+def evaluate_hellaswag(model: GPT, items: Sequence[HellaSwagItem], *, progress: bool = True, **scoring: Any) -> dict:
+    """``{"acc", "acc_norm", "num_items"}``: accuracy of the summed and of the per-token log-likelihood;
+    ``scoring``: :func:`score_endings`' ``batch_size`` and ``mesh``."""
+    scores = score_endings(model, items, progress=progress, **scoring)
     labels = np.asarray([item.label for item in items])
     return {
         "acc": float(np.mean(scores.sum_logprob.argmax(axis=1) == labels)),

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from jaxgpt.core.distributed import to_host
 from jaxgpt.core.sharding import batch_sharding, check_batch_divisible
 from jaxgpt.model.gpt import GPT
-from jaxgpt.model.losses import model_log_probs, token_log_probs
+from jaxgpt.model.losses import model_weighted_nll, weighted_nll
 
 SMALLEST_BUCKET = 64
 
@@ -43,9 +43,9 @@ def _row_scores(
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     model = nnx.merge(graphdef, state)
     if not greedy:
-        return (model_log_probs(model, inputs, targets) * weights).sum(axis=-1)
+        return -model_weighted_nll(model, inputs, targets, weights, axis=-1)
     logits = model(inputs)  # lm-eval's is_greedy needs every position's argmax: the plain head
-    sums = (token_log_probs(logits, targets) * weights).sum(axis=-1)
+    sums = -weighted_nll(logits, targets, weights, axis=-1)
     return sums, jnp.all((jnp.argmax(logits, axis=-1) == targets) | (weights == 0), axis=-1)
 
 

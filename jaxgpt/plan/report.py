@@ -69,6 +69,8 @@ class PlanConfig:
 
 @dataclasses.dataclass
 class Plan:
+    """What one compile says about the step, per device unless named otherwise (printed or ``--json``)."""
+
     target: str
     device_kind: str
     num_devices: int
@@ -111,6 +113,7 @@ def compile_step(run_config: RunConfig, target: Target, devices: list) -> tuple[
 
 
 def make_plan(run_config: RunConfig, target: Target, devices: list, dump_hlo: str | None = None) -> Plan:
+    """Compiles ``run_config``'s step for ``target`` and reads its memory, FLOPs, bytes and roofline."""
     cfg, model = run_config.train_config, run_config.model_config
     try:
         step, compiled = compile_step(run_config, target, devices)
@@ -187,6 +190,7 @@ def largest_batch(fits: Callable[[int], bool], start: int, fits_at_start: bool, 
 
 
 def with_batch_size(run_config: RunConfig, batch: int) -> RunConfig:
+    """``run_config`` with another micro-batch (the batch search compiles several)."""
     return dataclasses.replace(run_config, train_config=dataclasses.replace(run_config.train_config, batch_size=batch))
 
 
@@ -204,6 +208,8 @@ def _fits_without_remat(run_config: RunConfig, target: Target, devices: list) ->
 
 
 def format_plan(plan: Plan) -> str:
+    """The plan as the table ``python -m jaxgpt.plan`` prints."""
+
     def rate(x: float, unit: str, scale: float = 1.0) -> str:
         return f"{x / scale:,.3g} {unit}"
 
@@ -239,6 +245,7 @@ def format_plan(plan: Plan) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m jaxgpt.plan``: every train.py flag plus the target; prints the plan of the step."""
     parser = ArgumentParser(prog="python -m jaxgpt.plan", description=__doc__.splitlines()[0], add_help=False)
     add_dataclass_arguments(parser, PlanConfig)
     plan_args, train_argv = parser.parse_known_args(argv)

@@ -27,7 +27,7 @@ class SampleConfig:
     top_p: float | None = option(None, "nucleus sampling: the most likely tokens holding this probability (none: off)")
     seed: int = option(1337, "random seed")
     dtype: DType = option("float32", "compute dtype")
-    mesh: str | None = option(None, "device mesh DxM (data x model), e.g. 4x2; none: one device")
+    mesh: str | None = option(None, "device mesh DxM (data x model), e.g. 4x2; default: every device on data")
     stop_at_eot: bool = option(True, "end a sample at <|endoftext|> (false: keep going to max_new_tokens)")
     stream: bool = option(True, "print tokens as they come, one sample after another (false: one batch)")
     interactive: bool = option(False, "read prompts from stdin, one per line, until end of input")

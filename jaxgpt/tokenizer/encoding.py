@@ -47,9 +47,11 @@ class Tokenizer:
         return self._enc.encode_ordinary(text)
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
+        """Each text's tokens, encoded in threads; <|endoftext|> in a text is ordinary text here."""
         return self._enc.encode_ordinary_batch(list(texts), num_threads=num_threads)
 
     def decode(self, tokens: Sequence[int] | np.ndarray) -> str:
+        """The text of ``tokens``; an id outside GPT-2's vocabulary (a padded one, say) is a ValueError."""
         ids = [int(t) for t in tokens]
         bad = [t for t in ids if not 0 <= t < VOCAB_SIZE]
         if bad:
@@ -92,4 +94,5 @@ def _load_encoding():
 
 @functools.cache
 def get_tokenizer() -> Tokenizer:
+    """The process's one GPT-2 tokenizer, built once: loading the BPE ranks is slow."""
     return Tokenizer()

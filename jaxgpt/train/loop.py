@@ -51,6 +51,7 @@ def next_batch(run: Run) -> dict[str, jax.Array]:
 
 
 def current_model(run: Run) -> GPT:
+    """The model of the current parameters (no copy: it reads the state's arrays)."""
     return run.codec.to_model(run.state.params)
 
 
@@ -73,11 +74,13 @@ def sample_text(run: Run, num_tokens: int, seed: int) -> str:
 
 
 def hellaswag_scores(run: Run, items: list[HellaSwagItem]) -> dict[str, float]:
+    """HellaSwag accuracies of the current weights on ``items``."""
     scores = evaluate_hellaswag(current_model(run), items, mesh=run.mesh, progress=False)
     return {"acc": scores["acc"], "acc_norm": scores["acc_norm"]}
 
 
 def check_finite(run: Run) -> None:
+    """Stops the run with one line if a step's loss or gradient was NaN/Inf (that update was skipped)."""
     bad = int(run.state.first_bad_step)
     if bad >= 0:
         last = run.checkpointer.latest_step()
@@ -89,6 +92,7 @@ def check_finite(run: Run) -> None:
 
 
 def save(run: Run, val_loss: float | None) -> None:
+    """Checkpoints the state, the data position and the configs (asynchronously), never a bad state."""
     check_finite(run)  # never checkpoint a state that went bad
     run.checkpointer.save(
         run.state,
@@ -99,6 +103,7 @@ def save(run: Run, val_loss: float | None) -> None:
 
 
 def format_record(record: dict[str, Any], max_steps: int) -> str:
+    """The log line of a step's record: only the figures it has."""
     parts = [f"step {record['step']:>6}/{max_steps}"]
     formats = {
         "loss": "loss {:.4f}", "val_loss": "val {:.4f}", "lr": "lr {:.2e}", "grad_norm": "grad {:.3f}",
@@ -118,9 +123,11 @@ class StepTimer:
         self.reset(step)
 
     def reset(self, step: int) -> None:
+        """Starts timing again from ``step`` (after work that is not training)."""
         self.step, self.start = step, time.perf_counter()
 
     def rates(self, step: int) -> dict[str, float | None]:
+        """Step time, tokens/s and MFU since the last reset."""
         steps, elapsed = step - self.step, time.perf_counter() - self.start
         if steps <= 0:
             return {}
@@ -136,6 +143,8 @@ def due(step: int, interval: int, last: bool) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Hook:
+    """One periodic action of the loop."""
+
     fn: Callable[[int], dict[str, Any] | None]  # step -> what it adds to the step's record
     every: int  # steps between runs; 0: only after the last step
     at_end: bool  # also after the last step
@@ -150,9 +159,11 @@ class Hooks:
         self._hooks: list[Hook] = []
 
     def add_hook(self, fn: Callable[[int], dict[str, Any] | None], *, every: int, at_end: bool = True) -> None:
+        """Runs ``fn(step)`` after every ``every``-th step (0: only at the end) and, with ``at_end``, after the last."""
         self._hooks.append(Hook(fn, every, at_end))
 
     def due(self, step: int, last: bool) -> list[Hook]:
+        """The hooks to run after ``step``, in the order they were added."""
         return [hook for hook in self._hooks if due(step, hook.every, last and hook.at_end)]
 
 

@@ -24,9 +24,9 @@ from jaxgpt.core.errors import UserError
 from jaxgpt.core.sharding import check_batch_divisible, make_mesh
 from jaxgpt.data.meta import check_dataset
 from jaxgpt.data.pipeline import DataConfig, make_train_iterator, open_examples, restore_iterator
-from jaxgpt.model.config import GPTConfig
+from jaxgpt.model.config import GPTConfig, runtime_fields, shape_fields
 from jaxgpt.model.params import ParamCodec
-from jaxgpt.train.config import SHAPE_FIELDS, RunConfig, TrainConfig
+from jaxgpt.train.config import RunConfig, TrainConfig
 from jaxgpt.train.lifecycle import check_not_complete, start_fresh
 from jaxgpt.train.step import TrainStep, build_step
 
@@ -138,8 +138,8 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
 def _pretrained(run_config: RunConfig) -> tuple[GPTConfig, dict[str, np.ndarray]]:
     """Weights to fine-tune from: the checkpoint fixes the shapes, the command line the rest."""
     asked = run_config.model_config
-    keep = ("dropout", "dtype", "pad_vocab_multiple", "attention", "loss", "remat", "param_dtype")
-    pretrained = load_model(run_config.train_config.init_from, **{k: getattr(asked, k) for k in keep})
+    runtime = {k: getattr(asked, k) for k in runtime_fields()}
+    pretrained = load_model(run_config.train_config.init_from, **runtime)
     config = pretrained.config
     params = ParamCodec(config).to_host(pretrained)
     block_size = asked.block_size if "block_size" in run_config.model_flags else config.block_size
@@ -156,7 +156,7 @@ def _resumed_config(run_config: RunConfig) -> GPTConfig:
     """The run's stored model config; shape flags that contradict it are an error, others apply."""
     asked, flags, out_dir = run_config.model_config, run_config.model_flags, run_config.train_config.out_dir
     stored = GPTConfig.from_dict(read_run_file(out_dir)["model"])
-    shape = (*SHAPE_FIELDS, "block_size", "pad_vocab_multiple")
+    shape = shape_fields()
     changed = [f for f in shape if f in flags and getattr(asked, f) != getattr(stored, f)]
     if changed:
         stored_values = ", ".join(f"{f}={getattr(stored, f)}" for f in changed)
@@ -184,6 +184,7 @@ def _resumed_train_config(run_config: RunConfig) -> TrainConfig:
 
 
 def describe(run: Run) -> str:
+    """The run's one-line summary printed before the first step."""
     model, resumed = run.model_config, run.resumed_from
     return (
         f"model: {model.n_layer} layers, {model.n_embd} wide, {model.block_size} context "
