@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxgpt.core.sharding import make_mesh, shard_model
 from jaxgpt.model.decoding import decode as decode_chunk
 from jaxgpt.model.decoding import init_cache
 from jaxgpt.sampling.generate import generate, left_pad, process_logits
@@ -19,7 +20,7 @@ from jaxgpt.serve.device import filter_rows
 from jaxgpt.serve.engine import Engine, GenerationRequest, Update
 from jaxgpt.serve.text import TextTracker
 from jaxgpt.tokenizer.encoding import get_tokenizer
-from tests.serve_utils import MAX_LEN
+from tests.serve_utils import MAX_LEN, tiny_model
 
 pytest_plugins = ("tests.serve_utils",)  # the module fixtures model, engine (MAX_BATCH slots) and url
 
@@ -176,3 +177,14 @@ def test_cancel_and_stop_strings_end_a_request_and_free_its_slot(engine):
     while engine.stats()["free_slots"] < engine.max_batch and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.stats() == {"running": 0, "waiting": 0, "free_slots": 4}
+
+
+@pytest.mark.filterwarnings("ignore:dimension .vocab.:UserWarning")  # 50257 rows do not split 2 ways
+def test_a_sharded_engine_gives_the_same_greedy_tokens(engine, model):
+    mesh = make_mesh("4x2")  # 8 fake CPU devices (conftest): slots over data, heads over model
+    sharded = Engine(shard_model(tiny_model(), mesh), max_batch=4, max_len=MAX_LEN, mesh=mesh).start(warmup=False)
+    try:
+        requests = [GenerationRequest(tuple(p), 8, temperature=0.0, ignore_eos=True) for p in PROMPTS]
+        assert [tokens_of(u) for u in run_all(sharded, requests)] == [tokens_of(u) for u in run_all(engine, requests)]
+    finally:
+        sharded.stop(10)

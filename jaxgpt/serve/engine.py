@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxgpt.core.errors import UserError
-from jaxgpt.core.sharding import data_axis_size, kv_cache_sharding
+from jaxgpt.core.sharding import data_axis_size, kv_cache_sharding, replicated
 from jaxgpt.model.decoding import init_cache
 from jaxgpt.model.gpt import GPT
 from jaxgpt.sampling.generate import bucket_cache_len, bucket_prompt_len
@@ -96,7 +96,7 @@ class Engine:
         sharding = None if mesh is None else kv_cache_sharding(mesh, config.n_head)
         shapes = jax.eval_shape(lambda: init_cache(config, max_batch, cache_len))
         self.cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=sharding), shapes)
-        self.tokens = jnp.zeros(max_batch, jnp.int32)
+        self.tokens = jnp.zeros(max_batch, jnp.int32, device=None if mesh is None else replicated(mesh))
         self.index = np.zeros(max_batch, np.int32)  # each row's next slot (= position)
         self.rules = RowRules(
             np.zeros(max_batch, np.float32), np.zeros(max_batch, np.int32), np.ones(max_batch, np.float32),
