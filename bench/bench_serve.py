@@ -103,7 +103,8 @@ def main(argv=None) -> None:
         model, max_batch=args.clients, max_queue=4 * args.clients, max_len=args.prompt_len + args.new_tokens
     )
     engine.start()
-    print(f"engine warm-up (compiles {len(engine.buckets)} prefills and the step): {time.perf_counter() - start:.1f} s")
+    warmup = time.perf_counter() - start
+    print(f"engine warm-up ({len(engine.buckets)} prefills, {len(engine.row_buckets)} steps compiled): {warmup:.1f} s")
     rows = _Rows()
     with serve_in_thread(create_app(engine, "gpt2-random", "random")) as url:
         asyncio.run(client_run(url, prompts[:1], args.new_tokens, 1))  # warm the HTTP path

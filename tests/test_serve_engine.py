@@ -23,6 +23,7 @@ from jaxgpt.tokenizer.encoding import get_tokenizer
 from tests.serve_utils import MAX_LEN, tiny_model
 
 pytest_plugins = ("tests.serve_utils",)  # the module fixtures model, engine (MAX_BATCH slots) and url
+WARMUP = True  # the compile counts start from a warm engine
 
 PROMPTS = [[464, 3290, 318], list(range(100, 116)), [50256, 7, 8, 9, 10, 11, 12, 13, 14]]
 decode = nnx.jit(decode_chunk)
