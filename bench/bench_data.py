@@ -42,6 +42,7 @@ class BenchConfig:
     global_batch_size: int = option(16, "examples per batch")
     worker_counts: str = option("0,2,4", "comma-separated reader thread counts to time the pipeline with")
     batches: int = option(3000, "batches timed per pipeline setting (after 50 warm-up batches)")
+    id_checks: str = option("on,off", "time the pipeline with (on) and without (off) the per-batch vocabulary check")
 
 
 def ints(text: str) -> list[int]:
@@ -68,13 +69,16 @@ def bench_prepare(config: BenchConfig, work: Path) -> tuple[list[list[str]], Pat
 
 def bench_pipeline(config: BenchConfig, data_dir: Path) -> list[list[str]]:
     rows = []
-    for workers in ints(config.worker_counts):
+    settings = [(w, c) for w in ints(config.worker_counts) for c in config.id_checks.split(",") if c.strip()]
+    for workers, check in settings:
+        assert check in ("on", "off"), check
         data = DataConfig(
             data_dir=str(data_dir),
             block_size=config.block_size,
             global_batch_size=config.global_batch_size,
             data_workers=workers,
             prefetch=4 * max(1, workers),
+            vocab_size=50257 if check == "on" else None,
         )
         it = make_train_iterator(data, process_index=0, process_count=1)
         for _ in range(50):
@@ -86,7 +90,7 @@ def bench_pipeline(config: BenchConfig, data_dir: Path) -> list[list[str]]:
         assert batch["inputs"].shape == (config.global_batch_size, config.block_size)
         tokens = config.batches * config.global_batch_size * config.block_size
         shape = f"{config.global_batch_size} x {config.block_size}, {config.batches} batches"
-        rows.append([f"pipeline, data_workers {workers}", shape, f"{seconds:.2f} s"])
+        rows.append([f"pipeline, data_workers {workers}, id check {check}", shape, f"{seconds:.2f} s"])
         rows[-1] += [f"{config.batches / seconds:,.0f} batches/s", f"{tokens / seconds / 1e6:.1f}M tok/s"]
         it.close()
     return rows

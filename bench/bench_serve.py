@@ -36,6 +36,7 @@ from jaxgpt.model.gpt import GPT
 from jaxgpt.sampling.generate import generate
 from jaxgpt.serve.app import create_app, serve_in_thread
 from jaxgpt.serve.engine import Engine
+from jaxgpt.tokenizer import load_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +101,11 @@ def main(argv=None) -> None:
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, load {os.getloadavg()[0]:.1f}")  # fmt: skip
     start = time.perf_counter()
     engine = Engine(
-        model, max_batch=args.clients, max_queue=4 * args.clients, max_len=args.prompt_len + args.new_tokens
+        model,
+        load_tokenizer(),
+        max_batch=args.clients,
+        max_queue=4 * args.clients,
+        max_len=args.prompt_len + args.new_tokens,
     )
     engine.start()
     warmup = time.perf_counter() - start

@@ -16,6 +16,7 @@ from jaxgpt.model.config import GPTConfig
 from jaxgpt.model.gpt import GPT
 from jaxgpt.serve.app import create_app, serve_in_thread
 from jaxgpt.serve.engine import Engine
+from jaxgpt.tokenizer import load_tokenizer
 
 CONFIG = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128)
 MAX_LEN = 64  # prompt + completion: prompt buckets 16, 32, 64
@@ -53,7 +54,7 @@ def url(engine) -> Iterator[str]:
 
 
 def new_engine(model: GPT, max_batch: int = 4, max_queue: int = 64, warmup: bool = False) -> Engine:
-    return Engine(model, max_batch=max_batch, max_queue=max_queue, max_len=MAX_LEN).start(warmup)
+    return Engine(model, load_tokenizer(), max_batch=max_batch, max_queue=max_queue, max_len=MAX_LEN).start(warmup)
 
 
 def live_server(engine: Engine, api_key: str | None = None):

@@ -9,9 +9,9 @@ from flax import nnx
 
 from jaxgpt.eval.scoring import RowScorer
 from jaxgpt.model.config import GPTConfig
-from jaxgpt.model.fused_loss import _logsumexp, fused_cross_entropy, fused_token_log_probs
+from jaxgpt.model.fused_loss import _logsumexp, fused_token_log_probs, fused_weighted_nll
 from jaxgpt.model.gpt import GPT
-from jaxgpt.model.losses import cross_entropy, model_loss, resolve_loss, token_log_probs
+from jaxgpt.model.losses import cross_entropy, mean_weights, model_loss, resolve_loss, token_log_probs
 
 VOCAB, PADDED, C = 100, 128, 32
 
@@ -46,7 +46,7 @@ def test_loss_and_grads_match_plain_path(dtype, tol, weighted):
     # 13 positions in tiles of 4 (chunk_tokens=12 over batch 3): the last tile is padded.
     h, embedding, targets, weights = _inputs(3, 13, dtype)
     w = weights if weighted else None
-    fused = lambda h, e: fused_cross_entropy(h, e, targets, VOCAB, w, chunk_tokens=12)
+    fused = lambda h, e: fused_weighted_nll(h, e, targets, VOCAB, mean_weights(targets.shape, w), chunk_tokens=12)
     plain = lambda h, e: cross_entropy(_plain_logits(h, e), targets, w)
     (loss, (gh, ge)), (ref_loss, (ref_gh, ref_ge)) = (
         _loss_and_grads(fused, h, embedding),
@@ -68,7 +68,8 @@ def test_token_log_probs_match_plain_path():
 def test_gradient_scales_with_the_cotangent():
     # The backward pass only scales the gradients computed forward: 3 * loss must give 3 * grads.
     h, embedding, targets, _ = _inputs(2, 8, jnp.float32, seed=2)
-    grads = lambda s: jax.grad(lambda h, e: s * fused_cross_entropy(h, e, targets, VOCAB), argnums=(0, 1))(h, embedding)
+    mean = lambda h, e: fused_weighted_nll(h, e, targets, VOCAB, mean_weights(targets.shape))
+    grads = lambda s: jax.grad(lambda h, e: s * mean(h, e), argnums=(0, 1))(h, embedding)
     (g1h, g1e), (g3h, g3e) = grads(1.0), grads(3.0)
     np.testing.assert_allclose(g3h, 3 * g1h, rtol=1e-6)
     np.testing.assert_allclose(g3e, 3 * g1e, rtol=1e-6)

@@ -8,8 +8,9 @@ from jax.sharding import PartitionSpec as P
 
 from jaxgpt.core.platform import Runtime
 from jaxgpt.core.sharding import make_mesh
-from jaxgpt.model.fused_loss import fused_cross_entropy
+from jaxgpt.model.fused_loss import fused_weighted_nll
 from jaxgpt.model.kernels.head_kernel import logits_and_logsumexp, supported
+from jaxgpt.model.losses import mean_weights
 
 
 def test_logits_and_logsumexp_equal_the_xla_path():
@@ -41,7 +42,8 @@ def test_fused_loss_with_the_kernel_equals_without():
 
     def loss_and_grads(kernel):
         runtime = Runtime("cpu", mesh) if kernel else None  # the train step's: its mesh, the kernel interpreted
-        loss = lambda h, e: fused_cross_entropy(h, e, targets, 200, chunk_tokens=128, kernel=runtime)
+        weights = mean_weights(targets.shape)
+        loss = lambda h, e: fused_weighted_nll(h, e, targets, 200, weights, chunk_tokens=128, kernel=runtime)
         step = jax.value_and_grad(loss, argnums=(0, 1))
         assert ("pallas_call" in str(jax.make_jaxpr(step)(h, embedding))) == kernel
         shardings = (NamedSharding(mesh, P("data")), NamedSharding(mesh, P()))

@@ -19,7 +19,7 @@ from jaxgpt.sampling.generate import generate, left_pad, process_logits
 from jaxgpt.serve.device import filter_rows
 from jaxgpt.serve.engine import Engine, GenerationRequest, Update
 from jaxgpt.serve.text import TextTracker
-from jaxgpt.tokenizer.encoding import get_tokenizer
+from jaxgpt.tokenizer import load_tokenizer
 from tests.serve_utils import MAX_LEN, tiny_model
 
 pytest_plugins = ("tests.serve_utils",)  # the module fixtures model, engine (MAX_BATCH slots) and url
@@ -94,8 +94,8 @@ def test_per_row_filters_keep_what_process_logits_keeps(top_k, top_p):
 
 
 def test_text_tracker_cuts_at_stop_strings_and_holds_back_their_start():
-    tokens = get_tokenizer().encode("Hello world. The end.")
-    tracker, deltas = TextTracker(["orld.", "xyz"]), []
+    tokens = load_tokenizer().encode("Hello world. The end.")
+    tracker, deltas = TextTracker(load_tokenizer(), ["orld.", "xyz"]), []
     for token in tokens:
         tracker.add([token])
         deltas.append(tracker.delta())
@@ -166,7 +166,7 @@ def test_logprobs_are_the_models_log_softmax(engine, model):
 
 def test_cancel_and_stop_strings_end_a_request_and_free_its_slot(engine):
     tokens = tokens_of(run_all(engine, [GenerationRequest((5, 6, 7), 20, temperature=0.0, ignore_eos=True)])[0])
-    text = get_tokenizer().decode(tokens)
+    text = load_tokenizer().decode(tokens)
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     updates = run_all(engine, [GenerationRequest((5, 6, 7), 20, temperature=0.0, stop=(stop,), ignore_eos=True)])[0]
     assert updates[-1].finish_reason == "stop"
@@ -185,7 +185,8 @@ def test_cancel_and_stop_strings_end_a_request_and_free_its_slot(engine):
 @pytest.mark.filterwarnings("ignore:dimension .vocab.:UserWarning")  # 50257 rows do not split 2 ways
 def test_a_sharded_engine_gives_the_same_greedy_tokens(engine, model):
     mesh = make_mesh("4x2")  # 8 fake CPU devices (conftest): slots over data, heads over model
-    sharded = Engine(shard_model(tiny_model(), mesh), max_batch=4, max_len=MAX_LEN, mesh=mesh).start(warmup=False)
+    sharded = Engine(shard_model(tiny_model(), mesh), load_tokenizer(), max_batch=4, max_len=MAX_LEN, mesh=mesh)
+    sharded.start(warmup=False)
     try:
         requests = [GenerationRequest(tuple(p), 8, temperature=0.0, ignore_eos=True) for p in PROMPTS]
         assert [tokens_of(u) for u in run_all(sharded, requests)] == [tokens_of(u) for u in run_all(engine, requests)]

@@ -8,7 +8,6 @@ output holds only the answers, one line each.
 
 from __future__ import annotations
 
-import codecs
 import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
@@ -18,49 +17,17 @@ import jax
 from jaxgpt.chat.reply import Message, generate_reply, prompt_room
 from jaxgpt.core.errors import UserError
 from jaxgpt.model.gpt import GPT
-from jaxgpt.tokenizer.encoding import EOT_ID, get_tokenizer
+from jaxgpt.sampling.text import TextStream
+from jaxgpt.tokenizer import Tokenizer
 
 USER_PROMPT = "you> "
-
-
-def user_lines(stdin: TextIO) -> Iterator[str]:
-    """Each line of ``stdin`` (prompting on a terminal); blank lines are skipped."""
-    while True:
-        if stdin.isatty():
-            print(USER_PROMPT, end="", file=sys.stderr, flush=True)
-        line = stdin.readline()
-        if not line:
-            return
-        if line.strip():
-            yield line.rstrip("\n")
-
-
-class ReplyStream:
-    """``generate``'s on_token: writes the answer as it comes, without the template's leading space and EOT."""
-
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._started = False
-
-    def __call__(self, row: int, token: int) -> None:
-        if token == EOT_ID:
-            return
-        text = self._utf8.decode(get_tokenizer().decode_bytes([token]))
-        if not self._started and text:
-            text, self._started = text.removeprefix(" "), True
-        self.out.write(text)
-        self.out.flush()
-
-    def close(self) -> None:
-        self.out.write(self._utf8.decode(b"", final=True) + "\n")
-        self.out.flush()
 
 
 def chat(
     model: GPT,
     lines: Iterator[str],
     *,
+    tokenizer: Tokenizer,
     system: str | None,
     max_new_tokens: int,
     key: jax.Array,
@@ -77,10 +44,10 @@ def chat(
     prompt_room(model, max_new_tokens)  # fail before the first line if nothing could ever fit
     history: list[Message] = [{"role": "system", "content": system}] if system else []
     for i, line in enumerate(lines):
-        stream = ReplyStream(out)
+        stream = TextStream(tokenizer, out, strip_space=True, end="\n")
         try:
             reply = generate_reply(
-                model, [*history, {"role": "user", "content": line}], max_new_tokens,
+                model, [*history, {"role": "user", "content": line}], max_new_tokens, tokenizer=tokenizer,
                 key=jax.random.fold_in(key, i), on_token=stream, **sampling,
             )  # fmt: skip
         except UserError as err:  # a message that cannot fit should not end the conversation

@@ -107,9 +107,11 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
+        """The newest saved step (None before the first save), intact or not: ``newest_intact`` checks."""
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
+        """Every step with a checkpoint on disk."""
         return list(self.manager.all_steps())
 
     def save(
@@ -169,6 +171,8 @@ class Checkpointer:
         return state, dict(restored["data"] or {})
 
     def restore_params(self, step: int, abstract: dict[str, jax.ShapeDtypeStruct]) -> Params:
+        """The parameters of ``step`` alone (no optimizer state), placed as ``abstract`` says and checked
+        against their saved checksums."""
         return self._restore_verified(step, abstract)["params"]
 
     def _restore_verified(self, step: int, params: dict[str, Any], **items: Any) -> dict[str, Any]:
@@ -222,6 +226,7 @@ class Checkpointer:
         self.pending_step = None
 
     def close(self) -> None:
+        """Waits for a save in flight, then releases Orbax's manager (and its cleanup thread)."""
         try:
             self.wait()
         finally:

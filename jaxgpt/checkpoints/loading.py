@@ -1,8 +1,10 @@
 """A model to and from disk: ``save_model`` writes one as a jaxgpt run directory; ``load_model`` reads a
-run directory, a Hugging Face GPT-2 directory or a hub id."""
+run directory, a Hugging Face GPT-2 directory or a hub id; ``load_sharded`` also places it on a mesh,
+as sample.py, ``python -m jaxgpt.eval`` and the lm-eval harness do (``LoadConfig``: their shared flags)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -12,13 +14,14 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from jaxgpt.checkpoints.checkpointer import Checkpointer
+from jaxgpt.checkpoints.checkpointer import CHECKPOINT_DIR, Checkpointer
 from jaxgpt.checkpoints.fingerprint import fingerprints
-from jaxgpt.checkpoints.run_dir import is_run_dir, read_run_file, write_run_file
+from jaxgpt.checkpoints.run_dir import METRICS_FILE, RUN_FILE, is_run_dir, read_run_file, write_run_file
 from jaxgpt.convert import load_hf_gpt2
 from jaxgpt.core.errors import UserError
-from jaxgpt.core.sharding import make_mesh
-from jaxgpt.model.config import GPTConfig
+from jaxgpt.core.options import option
+from jaxgpt.core.sharding import make_mesh, shard_model
+from jaxgpt.model.config import DType, GPTConfig
 from jaxgpt.model.gpt import GPT
 from jaxgpt.model.params import ParamCodec
 
@@ -89,3 +92,36 @@ def load_model(init_from: str | os.PathLike, **overrides: Any) -> GPT:
             "load an earlier checkpoint (a training run that diverged stops before saving such weights)"
         )
     return model
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadConfig:
+    """The flags of every command that loads a model to run it: which model, on which mesh, in which dtype."""
+
+    init_from: str = option("gpt2", "training checkpoint directory, Hugging Face GPT-2 directory or hub id")
+    mesh: str | None = option(None, "device mesh DxM (data x model); default: every device on data")
+    dtype: DType = option("float32", "compute dtype of the model")
+
+
+def load_sharded(init_from: str | os.PathLike, mesh_spec: str | None = None, **overrides: Any) -> tuple[GPT, Mesh]:
+    """``load_model``, then its parameters placed on the (data, model) mesh ``mesh_spec`` (``DxM``); the
+    mesh is checked before the (slow) load. The default, ``None``, is every jaxgpt command's: every device
+    on the data axis, the model replicated."""
+    mesh = make_mesh(mesh_spec)
+    return shard_model(load_model(init_from, **overrides), mesh), mesh
+
+
+def newest_run(root: str | os.PathLike = "out") -> Path:
+    """The run directory under ``root`` with checkpoints that was written to last (run file or metrics)."""
+    root = Path(root)
+    runs = (
+        [p for p in sorted(root.iterdir()) if is_run_dir(p) and (p / CHECKPOINT_DIR).is_dir()] if root.is_dir() else []
+    )
+    if not runs:
+        raise UserError(
+            f"no training run with checkpoints under {root}/; train one first (python train.py) or pass --init_from"
+        )
+    written = lambda run: max(
+        (run / name).stat().st_mtime for name in (RUN_FILE, METRICS_FILE) if (run / name).is_file()
+    )
+    return max(runs, key=written)

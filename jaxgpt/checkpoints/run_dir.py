@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxgpt.core.errors import UserError
+from jaxgpt.core.json_file import read_json, write_json
 from jaxgpt.model.config import GPTConfig
 
 RUN_FILE = "jaxgpt.json"
@@ -114,39 +115,27 @@ def _alive(pid: int) -> bool:
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a jaxgpt run (a training out_dir or an exported model): its run file exists."""
     return (Path(path) / RUN_FILE).is_file()
 
 
 def write_run_file(out_dir: str | os.PathLike, model: GPTConfig, train: dict[str, Any] | None = None) -> None:
     """Writes the run description."""
     make_run_dir(out_dir)
-    _write_atomically(out_dir, {"format": 1, "model": model.to_dict(), "train": train or {}})
+    write_json(Path(out_dir) / RUN_FILE, {"format": 1, "model": model.to_dict(), "train": train or {}})
 
 
 def update_run_file(out_dir: str | os.PathLike, **fields: Any) -> None:
     """Sets top-level fields of the run file, e.g. the id of the run's W&B run."""
-    _write_atomically(out_dir, read_run_file(out_dir) | fields)
-
-
-def _write_atomically(out_dir: str | os.PathLike, description: dict[str, Any]) -> None:
-    """A temporary file, then a rename: a crash never leaves half a run file."""
-    tmp = Path(out_dir) / (RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps(description, indent=2))
-    os.replace(tmp, Path(out_dir) / RUN_FILE)
+    write_json(Path(out_dir) / RUN_FILE, read_run_file(out_dir) | fields)
 
 
 def read_run_file(out_dir: str | os.PathLike) -> dict[str, Any]:
     """The run description; a damaged one is a UserError naming the file, never a traceback."""
     if not is_run_dir(out_dir):
         raise UserError(f"{out_dir} is not a jaxgpt run directory (no {RUN_FILE})")
-    path = Path(out_dir) / RUN_FILE
-    try:
-        run = json.loads(path.read_text())
-    except ValueError as err:
-        raise UserError(f"{path} is damaged ({err}); restore it from a copy, or start a new --out_dir") from None
-    if not isinstance(run, dict) or not isinstance(run.get("model"), dict):
-        raise UserError(f"{path} has no 'model' section; restore it from a copy, or start a new --out_dir")
-    return run
+    fix = "restore it from a copy, or start a new --out_dir"
+    return read_json(Path(out_dir) / RUN_FILE, "model", dict, "has no 'model' section", fix)
 
 
 def read_metrics(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -178,6 +167,7 @@ class MetricsWriter:
         self.enabled = enabled
 
     def write(self, record: dict[str, Any]) -> None:
+        """Appends ``record`` as one line (arrays become floats); does nothing where not ``enabled``."""
         if not self.enabled:
             return
         clean = {k: (float(v) if hasattr(v, "item") else v) for k, v in record.items()}

@@ -14,6 +14,8 @@ from jaxgpt.model.params import Params
 
 
 class TrainState(NamedTuple):
+    """Everything a train step reads and writes, checkpointed whole, so that a resumed run goes on where it stopped."""
+
     step: jax.Array  # int32 scalar: optimizer steps taken
     params: Params
     opt_state: Any  # the optax optimizer's state, sharded like the parameters

@@ -88,6 +88,7 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> GPTConfig:
 
 
 def config_to_hf(config: GPTConfig) -> dict[str, Any]:
+    """The Hugging Face ``config.json`` (transformers' GPT2Config fields) of a GPT-2-architecture config."""
     return {
         "model_type": "gpt2",
         "architectures": ["GPT2LMHeadModel"],
@@ -112,6 +113,21 @@ def config_to_hf(config: GPTConfig) -> dict[str, Any]:
     }
 
 
+def looks_local(text: str) -> bool:
+    """Whether a missing path was meant as a local directory rather than a hub id (``gpt2``, ``org/name``).
+
+    Hub ids are ``name`` or ``org/name``; a path that starts at ``/``, ``.`` or ``~``, has more parts, or
+    lies in a folder that exists here (``out/nothere``) is local, and so is anything under ``out/``,
+    where runs are written.
+    """
+    parts = Path(text).parts
+    return (
+        text.startswith(("/", ".", "~"))
+        or len(parts) > 2
+        or (len(parts) == 2 and (parts[0] == "out" or Path(parts[0]).is_dir()))
+    )
+
+
 def resolve_hf_dir(name_or_path: str | os.PathLike) -> Path:
     """A local directory as is; a hub id (``gpt2``...) downloaded through huggingface_hub."""
     path = Path(name_or_path)
@@ -119,6 +135,11 @@ def resolve_hf_dir(name_or_path: str | os.PathLike) -> Path:
         return path
     if path.exists():
         raise UserError(f"{path} is a file; pass a Hugging Face model directory or hub id")
+    if looks_local(str(name_or_path)):
+        raise UserError(
+            f"no such run directory: {path} (nor a Hugging Face model directory); train one there first "
+            f"(python train.py --out_dir {path}) or pass an existing directory"
+        )
     try:
         from huggingface_hub import snapshot_download
 

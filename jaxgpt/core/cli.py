@@ -24,6 +24,7 @@ T = TypeVar("T")
 
 
 def parse_bool(text: str) -> bool:
+    """A flag's true/false text (also 1/0, yes/no, on/off); anything else is an argparse error."""
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
@@ -85,9 +86,17 @@ def build(cls: type[T], namespace: argparse.Namespace, base: T | None = None) ->
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage mistakes are a UserError: one line and a pointer to --help, not a usage block."""
+    """argparse whose usage mistakes are a UserError: one line and a pointer to --help, not a usage block.
+
+    Abbreviated flags are refused: ``--max 10`` silently meaning ``--max_steps 10`` today would mean
+    something else once a ``--max_...`` flag is added.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
+        """A usage mistake as a UserError (one ``error:`` line), not argparse's usage text and exit."""
         raise UserError(f"{message} (see {self.prog} --help)")
 
 

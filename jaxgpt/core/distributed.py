@@ -73,9 +73,11 @@ class LaunchConfig:
 
     @property
     def enabled(self) -> bool:
+        """Whether this process joins a multi-process run (--distributed, or a coordinator address given)."""
         return self.distributed or self.coordinator_address is not None
 
     def device_ids(self) -> list[int] | None:
+        """--local_device_ids as integers (None: every local device); a malformed list is a UserError."""
         if self.local_device_ids is None:
             return None
         try:

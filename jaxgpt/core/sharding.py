@@ -48,7 +48,8 @@ def parse_mesh(spec: str, device_count: int | None = None) -> tuple[int, int]:
     data, model = int(match[1]), int(match[2])
     if data < 1 or model < 1 or data * model != device_count:
         raise UserError(
-            f"--mesh {data}x{model} needs {data * model} devices but {device_count} are present; "
+            f"--mesh {data}x{model} needs {data * model} devices but {device_count} "
+            f"{'is' if device_count == 1 else 'are'} present; "
             f"use a mesh whose product is {device_count}, e.g. --mesh={device_count}x1"
         )
     return data, model
@@ -155,6 +156,7 @@ def gather_weights(params: dict[str, jax.Array], compute_shardings: dict[str, Na
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """A whole copy of an array on every device of ``mesh`` (scalars, small state)."""
     return NamedSharding(mesh, PartitionSpec())
 
 
@@ -169,6 +171,7 @@ def describe(mesh: Mesh) -> str:
 
 
 def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = "batch size") -> None:
+    """A UserError naming ``what`` unless ``batch_size`` rows split evenly over the mesh's data axis."""
     data = data_axis_size(mesh)
     if batch_size % data:
         raise UserError(

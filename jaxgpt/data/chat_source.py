@@ -33,17 +33,20 @@ import numpy as np
 from jaxgpt.chat import template as chat
 from jaxgpt.core.errors import UserError
 from jaxgpt.data import shards, sources
+from jaxgpt.tokenizer import Tokenizer
 
 CONVERSATIONS_PER_TASK = 256  # conversations sent to a tokenizer worker at a time
 SKIP_HINT = "fix the line, or pass --skip_bad to skip bad lines"
 
 
 def alpaca_messages(row: dict[str, Any]) -> list[chat.Message]:
+    """One Alpaca row (instruction, optional input, output) as a user turn and the assistant's answer."""
     user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
     return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
 
 
 def dolly_messages(row: dict[str, Any]) -> list[chat.Message]:
+    """One Dolly row (instruction, optional context, response) as a user turn and the assistant's answer."""
     user = row["instruction"] + (f"\n\n{row['context']}" if row.get("context") else "")
     return [{"role": "user", "content": user}, {"role": "assistant", "content": row["response"]}]
 
@@ -68,6 +71,7 @@ class BadLines:
         self.first: str | None = None  # the first skipped line and why, for the summary
 
     def reject(self, origin: str, reason: str) -> None:
+        """With ``skip``, counts a bad line (remembering the first); without, stops preparation with it."""
         if not self.skip:
             raise UserError(f"{origin}: {reason}; {SKIP_HINT}")
         self.count += 1
@@ -76,6 +80,8 @@ class BadLines:
 
 @dataclasses.dataclass(frozen=True)
 class Conversation:
+    """One conversation read from a file or a hub dataset, where it came from and the split it goes to."""
+
     messages: list[chat.Message]
     origin: str  # "file:line" or "dataset row N", for error messages
     split: str
@@ -123,6 +129,7 @@ def line_messages(record: object) -> list[chat.Message]:
 
 
 def parse_line(line: str) -> list[chat.Message]:
+    """The messages of one JSON line of a chat file; text that is not JSON or not a conversation is a BadLine."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
@@ -136,12 +143,12 @@ def chat_files(path: Path) -> list[Path]:
         return [path]
     files = sorted(p for p in path.rglob("*.jsonl") if p.is_file())
     if not files:
-        raise UserError(f"{path} holds no .jsonl files; --format chat reads JSON lines with 'messages'")
+        raise UserError(f"{path} holds no .jsonl files; --format chat and preference read JSON lines")
     return files
 
 
-def file_conversations(path: Path, bad: BadLines) -> Iterator[tuple[list[chat.Message], str]]:
-    """(messages, "file:line") of every good line of the chat files at ``path``."""
+def file_records(path: Path, bad: BadLines, parse: Callable[[str], Any] = parse_line) -> Iterator[tuple[Any, str]]:
+    """(``parse(line)``, "file:line") of every good line of the JSON-lines files at ``path``."""
     for file in chat_files(path):
         try:
             with open(file, encoding="utf-8") as f:
@@ -150,17 +157,19 @@ def file_conversations(path: Path, bad: BadLines) -> Iterator[tuple[list[chat.Me
                         continue
                     origin = f"{file}:{number}"
                     try:
-                        yield parse_line(line), origin
+                        yield parse(line), origin
                     except BadLine as err:
                         bad.reject(origin, str(err))
         except UnicodeDecodeError as err:
             raise UserError(f"{file}: not UTF-8 text ({err})") from err
 
 
-def hub_conversations(dataset: str, bad: BadLines) -> Iterator[tuple[list[chat.Message], str]]:
-    """Streams a chat dataset from the Hugging Face hub (needs ``datasets`` and the network)."""
+def hub_conversations(
+    dataset: str, bad: BadLines, data_files: str | None = None
+) -> Iterator[tuple[list[chat.Message], str]]:
+    """Streams a chat dataset from the Hugging Face hub (needs ``datasets``; the network unless ``data_files``)."""
     repo, split, to_messages = HUB_CHAT_DATASETS[dataset]
-    for number, row in enumerate(sources.hub_rows(repo, None, split), start=1):
+    for number, row in enumerate(sources.hub_rows(repo, None, split, data_files), start=1):
         origin = f"{repo} row {number}"
         try:
             yield line_messages({"messages": to_messages(row)}), origin
@@ -169,19 +178,21 @@ def hub_conversations(dataset: str, bad: BadLines) -> Iterator[tuple[list[chat.M
 
 
 def conversations(
-    input_path: str | None, dataset: str | None, val_fraction: float, bad: BadLines
+    input_path: str | None, dataset: str | None, val_fraction: float, bad: BadLines, data_files: str | None = None
 ) -> tuple[Iterator[Conversation], str]:
     """The good conversations with their split, and a description of the source."""
     if dataset is not None:
-        found, source = hub_conversations(dataset, bad), f"hf://{HUB_CHAT_DATASETS[dataset][0]}"
+        found = hub_conversations(dataset, bad, data_files)
+        source = data_files or f"hf://{HUB_CHAT_DATASETS[dataset][0]}"
     else:
-        found, source = file_conversations(Path(input_path), bad), str(input_path)  # type: ignore[arg-type]
+        found, source = file_records(Path(input_path), bad), str(input_path)  # type: ignore[arg-type]
     split = lambda i: "val" if sources.is_val_document(i, val_fraction) else "train"
     dealt = (Conversation(m, origin, split(i)) for i, (m, origin) in enumerate(found))
     return dealt, source
 
 
 def batches(items: Iterable[Conversation], size: int = CONVERSATIONS_PER_TASK) -> Iterator[list[Conversation]]:
+    """``items`` in lists of ``size`` (the last one shorter): the units of work the encoding processes take."""
     batch: list[Conversation] = []
     for item in items:
         batch.append(item)
@@ -192,9 +203,9 @@ def batches(items: Iterable[Conversation], size: int = CONVERSATIONS_PER_TASK) -
         yield batch
 
 
-def encode(conversation: Conversation, block_size: int, truncate: bool) -> Encoded:
+def encode(conversation: Conversation, tokenizer: Tokenizer, block_size: int, truncate: bool) -> Encoded:
     """Renders one conversation into tokens and labels, cut to ``block_size`` tokens if ``truncate``."""
-    rendered = chat.render(conversation.messages)
+    rendered = chat.render(conversation.messages, tokenizer)
     tokens, mask = rendered.tokens, rendered.mask
     problem = None
     if len(tokens) > block_size:
@@ -209,9 +220,11 @@ def encode(conversation: Conversation, block_size: int, truncate: bool) -> Encod
     return Encoded(conversation.split, tokens.astype(np.uint16), labels, conversation.origin, problem)
 
 
-def encode_batch(conversations: list[Conversation], block_size: int, truncate: bool) -> list[Encoded]:
+def encode_batch(
+    conversations: list[Conversation], tokenizer: Tokenizer, block_size: int, truncate: bool
+) -> list[Encoded]:
     """Encodes a task of conversations (in a worker process)."""
-    return [encode(c, block_size, truncate) for c in conversations]
+    return [encode(c, tokenizer, block_size, truncate) for c in conversations]
 
 
 def accepted(encoded: Iterable[list[Encoded]], bad: BadLines) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:

@@ -11,7 +11,6 @@ Shards written elsewhere (llm.c's scripts, older jaxgpt) get a ``meta.json`` wit
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ from typing import Any
 
 from jaxgpt.core.cli import ArgumentParser, run
 from jaxgpt.core.errors import UserError
+from jaxgpt.core.json_file import read_json, write_json
 from jaxgpt.data import shards
 
 META = "meta.json"
@@ -31,24 +31,18 @@ def shard_record(path: Path, split: str, tokens: Any) -> dict[str, Any]:
 
 
 def write_meta(directory: Path, meta: dict[str, Any]) -> None:
-    tmp = directory / (META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, directory / META)
+    """The dataset's ``meta.json``, replaced whole."""
+    write_json(directory / META, meta, end="\n")
 
 
 def read_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
+    """The dataset's ``meta.json`` (its shards' records); missing or damaged, a UserError that says how to redo it."""
     path = Path(data_dir) / META
     fix = f"prepare the data again, or index shards made elsewhere with python -m jaxgpt.data.meta {data_dir}"
     if not path.is_file():
         shards.list_shards(data_dir, "train")  # a missing directory or no shards: that message first
         raise UserError(f"{data_dir} has no {META}, so it may be incomplete; {fix}")
-    try:
-        meta = json.loads(path.read_text())
-    except ValueError as err:
-        raise UserError(f"{path} is damaged ({err}); {fix}") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("shards"), list):
-        raise UserError(f"{path} lists no shards (written by an older version); {fix}")
-    return meta
+    return read_json(path, "shards", list, "lists no shards (written by an older version)", fix)
 
 
 def check_dataset(data_dir: str | os.PathLike, vocab_size: int) -> dict[str, Any]:
@@ -94,6 +88,7 @@ def index_dataset(data_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m jaxgpt.data.meta DIR``: writes meta.json for shards made elsewhere, so training accepts them."""
     parser = ArgumentParser(prog="python -m jaxgpt.data.meta", description=__doc__.splitlines()[0])
     parser.add_argument("data_dir", help="a folder of token shards (<name>_train_*.bin, <name>_val_*.bin)")
     meta = index_dataset(parser.parse_args(argv).data_dir)

@@ -46,6 +46,8 @@ import numpy as np
 from jaxgpt.core.errors import UserError
 from jaxgpt.core.options import option
 from jaxgpt.data import shards
+from jaxgpt.data.meta import read_meta
+from jaxgpt.data.preference import FORMAT as PREFERENCE_FORMAT
 
 STATE_FORMAT = "jaxgpt.data.train_iterator/1"
 
@@ -60,6 +62,7 @@ class DataConfig:
     seed: int = option(1337, "shuffling seed (0..2**32-1); every epoch is reshuffled from it")
     data_workers: int = option(0, "threads reading batches ahead (0: read each batch when it is asked for)")
     prefetch: int = option(8, "batches read ahead by the worker threads")
+    vocab_size: int | None = option(50257, "every id read must be below this, else the run stops (None: unchecked)")
 
     def __post_init__(self) -> None:
         for name in ("block_size", "global_batch_size"):
@@ -74,11 +77,15 @@ class DataConfig:
 class TokenStream:
     """The shards of one split as a single random-access token sequence (memory-mapped, validated on open).
 
-    ``labels`` holds the label shards (chat data) or is None (pretraining data).
+    ``labels`` holds the label shards (chat data) or is None (pretraining data). Every token read is
+    checked to be below ``vocab_size`` (one vectorised max over the rows, a few microseconds a batch;
+    ``None``: unchecked), so a shard changed after ``prepare`` stops the run with its file and offset
+    instead of training on ids past the model's vocabulary (an index past an array is no error in JAX).
     """
 
-    def __init__(self, paths: Sequence[str | os.PathLike], vocab_size: int = 50257) -> None:
+    def __init__(self, paths: Sequence[str | os.PathLike], vocab_size: int | None = 50257) -> None:
         self.paths = [Path(p) for p in paths]
+        self.vocab_size = vocab_size
         self.shards = [shards.open_shard(p, vocab_size=vocab_size) for p in self.paths]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # global offset of each shard
         self.num_tokens = int(self.starts[-1])
@@ -87,10 +94,11 @@ class TokenStream:
             self.labels = [shards.open_labels(p, len(s)) for p, s in zip(self.paths, self.shards, strict=True)]
 
     @classmethod
-    def open(cls, data_dir: str | os.PathLike, split: str) -> TokenStream:
+    def open(cls, data_dir: str | os.PathLike, split: str, vocab_size: int | None = 50257) -> TokenStream:
+        """The shards of one split of a dataset directory, read as one stream (ids checked below ``vocab_size``)."""
         if split not in shards.SPLITS:
             raise UserError(f"split must be one of {shards.SPLITS}, got {split!r}")
-        return cls(shards.list_shards(data_dir, split))
+        return cls(shards.list_shards(data_dir, split), vocab_size)
 
     def num_windows(self, block_size: int) -> int:
         """Non-overlapping windows of ``block_size + 1`` tokens at stride ``block_size``."""
@@ -98,7 +106,22 @@ class TokenStream:
 
     def read(self, starts: np.ndarray, length: int) -> np.ndarray:
         """``tokens[s : s + length]`` for each start, as int32 rows; a row may straddle shards."""
-        return self._read(self.shards, starts, length)
+        tokens = self._read(self.shards, starts, length)
+        if self.vocab_size is not None and tokens.size and tokens.max() >= self.vocab_size:
+            self._out_of_vocabulary(starts, tokens)
+        return tokens
+
+    def _out_of_vocabulary(self, starts: np.ndarray, tokens: np.ndarray) -> None:
+        """Names the first id read that is not below ``vocab_size``: its shard and position in it."""
+        row, col = np.unravel_index(int(np.argmax(tokens >= self.vocab_size)), tokens.shape)
+        position = int(starts[row]) + int(col)
+        k = int(np.searchsorted(self.starts, position, side="right")) - 1
+        offset = position - int(self.starts[k])
+        raise shards.ShardError(
+            f"{self.paths[k]}: token id {int(tokens[row, col])} at token {offset:,} (byte "
+            f"{shards.HEADER_BYTES + offset * shards.TOKEN_DTYPE.itemsize:,}) is outside the vocabulary "
+            f"(size {self.vocab_size}); the shard changed after it was prepared: prepare the data again"
+        )
 
     def read_labels(self, starts: np.ndarray, length: int) -> np.ndarray:
         """The labels of the tokens ``read`` returns (chat data only)."""
@@ -139,6 +162,7 @@ class Windows:
         return self.stream.num_windows(self.block_size)
 
     def batch(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Inputs and targets [len(ids), block_size] of the windows ``ids``."""
         return windows_to_batch(self.stream, ids, self.block_size)
 
 
@@ -165,6 +189,8 @@ class Conversations:
         return len(self.bounds) - 1
 
     def batch(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Inputs, targets and loss weights [len(ids), block_size] of conversations ``ids``, each alone in
+        its row, padded with weight 0."""
         shape = (len(ids), self.block_size)
         batch = {"inputs": np.zeros(shape, np.int32), "targets": np.zeros(shape, np.int32)}
         batch["weights"] = np.zeros(shape, np.float32)
@@ -176,7 +202,20 @@ class Conversations:
         return batch
 
 
-Examples = Windows | Conversations
+class Pairs(Conversations):
+    """Preference examples (``prepare --format preference``): pair ``i`` is conversations ``2i`` (chosen) and
+    ``2i + 1`` (rejected), batched as ``chosen_*`` and ``rejected_*`` arrays of the same rows."""
+
+    def __len__(self) -> int:
+        return super().__len__() // 2
+
+    def batch(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        ids = 2 * np.asarray(ids)
+        halves = {"chosen": super().batch(ids), "rejected": super().batch(ids + 1)}
+        return {f"{half}_{key}": value for half, batch in halves.items() for key, value in batch.items()}
+
+
+Examples = Windows | Conversations | Pairs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,10 +244,12 @@ def process_rows(global_batch_size: int, process_index: int | None = None, proce
     return slice(index * local, (index + 1) * local)
 
 
-def open_examples(data_dir: str | os.PathLike, split: str, block_size: int) -> Examples:
+def open_examples(data_dir: str | os.PathLike, split: str, block_size: int, vocab_size: int | None = 50257) -> Examples:
     """The split's examples: conversations for chat shards, windows otherwise; none at all is an error."""
-    stream = TokenStream.open(data_dir, split)
+    stream = TokenStream.open(data_dir, split, vocab_size)
     examples = Windows(stream, block_size) if stream.labels is None else Conversations(stream, block_size)
+    if stream.labels is not None and read_meta(data_dir).get("format") == PREFERENCE_FORMAT:
+        examples = Pairs(stream, block_size)
     if len(examples) == 0:
         raise UserError(
             f"the '{split}' split of {data_dir} has {stream.num_tokens} tokens, fewer than one example of "
@@ -222,7 +263,7 @@ def make_train_iterator(
 ) -> grain.DatasetIterator:
     """This process's infinite, shuffled batches: ``{"inputs", "targets"}``, int32 [global_batch / processes, T]
     (chat data: plus float32 ``weights``)."""
-    examples = open_examples(config.data_dir, "train", config.block_size)
+    examples = open_examples(config.data_dir, "train", config.block_size, config.vocab_size)
     rows = process_rows(config.global_batch_size, process_index, process_count)
     dataset = (
         grain.MapDataset.range(len(examples))

@@ -42,6 +42,7 @@ class ShardError(UserError):
 
 
 def shard_name(name: str, split: str, index: int) -> str:
+    """The file name of a split's shard ``index``: ``<name>_<split>_<index:06d>.bin``, which sorts in order."""
     assert split in SPLITS, split
     return f"{name}_{split}_{index:06d}.bin"
 

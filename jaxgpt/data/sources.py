@@ -21,6 +21,7 @@ one by one gives exactly the tokens of encoding the whole text.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -128,6 +129,13 @@ def document_pieces(documents: Iterable[Iterable[str]], val_fraction: float) -> 
         index += 0 if first else 1  # empty documents are skipped and not counted
 
 
+def path_pieces(path: Path, val_fraction: float) -> tuple[Iterator[Piece], bool]:
+    """A local corpus (one text file, or a folder of documents) as pieces, and whether documents start with EOT."""
+    if path.is_file():
+        return single_text_pieces(path, val_fraction), False
+    return document_pieces(folder_documents(path), val_fraction), True
+
+
 def folder_files(folder: Path) -> list[Path]:
     """The .txt and .jsonl files below ``folder``, in a fixed (sorted) order."""
     files = sorted(p for p in folder.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
@@ -160,8 +168,30 @@ def folder_documents(folder: Path, chunk_chars: int = CHUNK_CHARS) -> Iterator[I
             yield from ([text] for text in jsonl_texts(path))
 
 
-def hub_rows(repo: str, config: str | None, split: str = "train") -> Iterator[dict]:
-    """Streams the rows of a Hugging Face hub dataset (needs ``datasets`` and the network)."""
+HUB_FILE_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}  # suffix -> datasets' builder
+
+
+def hub_files(data_files: str) -> tuple[str, list[str]]:
+    """``datasets``' builder and the files of a local copy of a hub dataset: a file, a glob or a folder."""
+    path = Path(data_files).expanduser()
+    if path.is_dir():
+        files = sorted(str(p) for p in path.rglob("*") if p.suffix in HUB_FILE_FORMATS and p.is_file())
+    else:
+        files = sorted(f for f in glob.glob(str(path)) if Path(f).is_file())
+    if not files:
+        raise UserError(f"--data_files {data_files}: no {'/'.join(HUB_FILE_FORMATS)} files there")
+    formats = {HUB_FILE_FORMATS.get(Path(f).suffix) for f in files}
+    if len(formats) != 1 or None in formats:
+        raise UserError(f"--data_files {data_files}: expected files of one of {', '.join(HUB_FILE_FORMATS)}")
+    return formats.pop(), files  # type: ignore[return-value]
+
+
+def hub_rows(repo: str, config: str | None, split: str = "train", data_files: str | None = None) -> Iterator[dict]:
+    """Streams the rows of a Hugging Face hub dataset (needs ``datasets`` and the network).
+
+    ``data_files``: a local copy of the dataset's own files (its parquet or JSON, as on the hub), read
+    through the same ``datasets`` streaming, so the rows are what the hub gives, without a network.
+    """
     try:
         import datasets  # lazily: optional, and slow to import
     except ImportError as err:
@@ -170,9 +200,17 @@ def hub_rows(repo: str, config: str | None, split: str = "train") -> Iterator[di
             f"(pip install datasets); {LOCAL_HINT}"
         ) from err
     try:
-        rows = iter(datasets.load_dataset(repo, name=config, split=split, streaming=True))
+        if data_files is None:
+            rows = iter(datasets.load_dataset(repo, name=config, split=split, streaming=True))
+        else:
+            builder, files = hub_files(data_files)
+            rows = iter(datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=True))
         first = next(rows, None)
+    except UserError:
+        raise
     except Exception as err:  # offline: requests/hub/datasets raise many different types
+        if data_files is not None:
+            raise UserError(f"could not read {repo}'s rows from --data_files {data_files} ({err})") from err
         raise UserError(f"could not stream {repo} from the Hugging Face hub ({err}); offline? {LOCAL_HINT}") from err
     if first is None:
         return
@@ -183,14 +221,15 @@ def hub_rows(repo: str, config: str | None, split: str = "train") -> Iterator[di
         raise UserError(f"lost the connection while streaming {repo} ({err}); run again to restart") from err
 
 
-def hub_documents(dataset: str) -> Iterator[Iterable[str]]:
-    """Streams a Hugging Face hub dataset's ``text`` column, one document per row."""
+def hub_documents(dataset: str, data_files: str | None = None) -> Iterator[Iterable[str]]:
+    """Streams a Hugging Face hub dataset's ``text`` column, one document per row (``data_files``: see hub_rows)."""
     repo, config = HUB_DATASETS[dataset]
-    for row in hub_rows(repo, config):
+    for row in hub_rows(repo, config, data_files=data_files):
         yield [row["text"]]
 
 
 def fetch(url: str, timeout: float = 30.0) -> bytes:
+    """The body of ``url``, read whole: for downloads small enough to hold in memory."""
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return response.read()
 

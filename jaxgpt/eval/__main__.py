@@ -1,7 +1,7 @@
 """Evaluate a GPT: validation loss over token shards and/or HellaSwag accuracy.
 
     python -m jaxgpt.eval --init_from gpt2 --val_data data/fineweb10B --hellaswag
-    python -m jaxgpt.eval --init_from out/run1 --hellaswag ~/hellaswag_val.jsonl --results evals.jsonl
+    python -m jaxgpt.eval --init_from out/run1 --hellaswag ~/hellaswag_val.jsonl --results out/evals.jsonl
 
 ``--hellaswag`` without a path downloads the validation set once (cached); offline, pass a
 local copy. Prints a table and, with ``--results``, appends one JSON line per run.
@@ -16,28 +16,25 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from jaxgpt.checkpoints.loading import load_model
+from jaxgpt.checkpoints.loading import LoadConfig, load_sharded
 from jaxgpt.core import distributed
 from jaxgpt.core.cli import build, parser_for, run
 from jaxgpt.core.distributed import LaunchConfig
 from jaxgpt.core.errors import UserError
 from jaxgpt.core.options import option
-from jaxgpt.core.sharding import describe, make_mesh, shard_model
+from jaxgpt.core.sharding import describe
 from jaxgpt.data.shards import list_shards
 from jaxgpt.eval.hellaswag import evaluate_hellaswag, load_hellaswag
 from jaxgpt.eval.loss import evaluate_loss
-from jaxgpt.model.config import DType
+from jaxgpt.tokenizer import check_same_tokenizer, tokenizer_of
 
 DOWNLOAD = ""  # the value of a bare --hellaswag: the cached download
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(LoadConfig):
     """Evaluate a GPT: validation loss and HellaSwag accuracy."""
 
-    init_from: str = option("gpt2", "training checkpoint directory, Hugging Face GPT-2 directory or hub id")
-    mesh: str | None = option(None, "device mesh DxM (data x model); default: every device on data")
-    dtype: DType = option("float32", "compute dtype of the model")
     batch_size: int = option(8, "per step: validation windows of block_size tokens, or HellaSwag items (4 rows)")
     val_data: str | None = option(None, "token shard directory: mean loss and perplexity over its val shards")
     max_tokens: int | None = option(None, "score only the first this many validation tokens; None: all of them")
@@ -55,12 +52,15 @@ def format_table(results: dict) -> str:
 
 
 def append_results(path: Path, init_from: str, results: dict) -> None:
+    """Appends one JSON line (init_from, a UTC timestamp and the figures) to ``path``, to compare runs later."""
     record = {"init_from": init_from, "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(), **results}
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m jaxgpt.eval``: checks every input, then loads and shards the model and prints (and with
+    --results appends) the figures."""
     parser = parser_for("python -m jaxgpt.eval", EvalConfig.__doc__, (EvalConfig, None), (LaunchConfig, None))
     parser.add_argument(
         "--hellaswag", nargs="?", const=DOWNLOAD, default=argparse.SUPPRESS, metavar="PATH",
@@ -74,13 +74,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError(f"--results {args.results}: directory {Path(args.results).parent} does not exist")
 
     # Check every input before the (slow) model load.
+    tokenizer = tokenizer_of(args.init_from)  # the one the run (or exported model) carries; else GPT-2's
     if args.val_data is not None:
         list_shards(args.val_data, "val")
+        check_same_tokenizer(tokenizer, tokenizer_of(args.val_data), f"the model {args.init_from}", args.val_data)
     items = None if args.hellaswag is None else load_hellaswag(args.hellaswag or None)
     distributed.initialize(launch)
     main_process = distributed.is_main_process()  # every process computes, process 0 reports
-    mesh = make_mesh(args.mesh)
-    model = shard_model(load_model(args.init_from, dtype=args.dtype), mesh)
+    model, mesh = load_sharded(args.init_from, args.mesh, dtype=args.dtype)
 
     results: dict = {}
     if args.val_data is not None:
@@ -89,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             progress=main_process,
         )  # fmt: skip
     if items is not None:
-        results |= evaluate_hellaswag(model, items, batch_size=args.batch_size, mesh=mesh, progress=main_process)
+        hellaswag = dict(batch_size=args.batch_size, mesh=mesh, progress=main_process)
+        results |= evaluate_hellaswag(model, items, tokenizer, **hellaswag)
     if not main_process:
         return
     print(f"{args.init_from}, mesh {describe(mesh)}, {args.dtype}")

@@ -34,15 +34,13 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from jaxgpt.checkpoints.loading import load_model
+from jaxgpt.checkpoints.loading import LoadConfig, load_sharded
 from jaxgpt.core.cli import build, parser_for, run
 from jaxgpt.core.errors import UserError
 from jaxgpt.core.options import option
-from jaxgpt.core.sharding import make_mesh, shard_model
 from jaxgpt.eval.scoring import RowScorer, score_rows
-from jaxgpt.model.config import DType
 from jaxgpt.sampling.generate import generate
-from jaxgpt.tokenizer.encoding import get_tokenizer
+from jaxgpt.tokenizer import tokenizer_of
 
 MODEL_NAME = "jaxgpt"
 DEFAULT_BATCH_SIZE = 32
@@ -90,11 +88,10 @@ class JaxGPTLM(TemplateLM):
             known = "init_from, dtype, batch_size, mesh, max_gen_toks, seed"
             raise UserError(f"unknown jaxgpt model_args {sorted(unknown)}; known: {known}")
         self.batch_size = parse_batch_size(batch_size)
-        self.mesh = make_mesh(None if mesh is None else str(mesh))
-        self.model = shard_model(load_model(str(init_from), dtype=dtype), self.mesh)
+        self.model, self.mesh = load_sharded(str(init_from), None if mesh is None else str(mesh), dtype=dtype)
         self.scorer = RowScorer(self.model, self.mesh)
         self.scorer.check_rows(self.batch_size, "batch_size")
-        self.bpe = get_tokenizer()
+        self.bpe = tokenizer_of(str(init_from))  # the one the run carries; else GPT-2's
         self.max_length = self.model.config.block_size
         self.max_gen_toks = int(max_gen_toks)
         self.key = jax.random.key(int(seed))
@@ -104,10 +101,11 @@ class JaxGPTLM(TemplateLM):
 
     @property
     def eot_token_id(self) -> int:
+        """GPT-2's <|endoftext|>: lm-eval's default prefix of rolling windows and a stop sequence."""
         return self.bpe.eot_id
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        """GPT-2 BPE; ``<|endoftext|>`` in the text is the special token, as in Hugging Face's tokenizer."""
+        """The model's BPE; ``<|endoftext|>`` in the text is the special token, as in Hugging Face's tokenizer."""
         return self.bpe.encode(string, allow_eot=True)
 
     def tok_decode(self, tokens: Sequence[int]) -> str:
@@ -115,6 +113,7 @@ class JaxGPTLM(TemplateLM):
         return self.bpe.decode([t for t in tokens if t != self.eot_token_id])
 
     def get_model_info(self) -> dict:
+        """What lm-eval records about the model in its results: the parameter count and the config."""
         n_params = sum(x.size for x in jax.tree.leaves(nnx.state(self.model, nnx.Param)))
         return {"model_num_parameters": n_params, **self.model.config.to_dict()}
 
@@ -165,7 +164,7 @@ class JaxGPTLM(TemplateLM):
         for i, request in enumerate(requests):
             groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
         out = [""] * len(requests)
-        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm)
+        bar = tqdm(total=len(requests), desc="generate_until", disable=True if disable_tqdm else None)
         for indices in groups.values():
             contexts = [requests[i].args[0] for i in indices]
             for i, text in zip(indices, self._generate_group(contexts, requests[indices[0]].args[1]), strict=True):
@@ -207,12 +206,9 @@ class JaxGPTLM(TemplateLM):
 
 
 @dataclasses.dataclass(frozen=True)
-class HarnessConfig:
+class HarnessConfig(LoadConfig):
     """Run lm-evaluation-harness tasks on a jaxgpt model; every other flag is lm-eval's (lm-eval run --help)."""
 
-    init_from: str = option("gpt2", "training checkpoint directory, Hugging Face GPT-2 directory or hub id")
-    mesh: str | None = option(None, "device mesh DxM (data x model); default: every device on data")
-    dtype: DType = option("float32", "compute dtype of the model")
     batch_size: int = option(DEFAULT_BATCH_SIZE, "rows per compiled call, split over the mesh's data axis")
     max_gen_toks: int = option(DEFAULT_MAX_GEN_TOKS, "new tokens per generation unless the task sets its own")
 
@@ -230,6 +226,8 @@ def lm_eval_argv(config: HarnessConfig, rest: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m jaxgpt.eval.harness``: lm-eval's own command line, with model jaxgpt and these flags as its
+    model_args."""
     parser = parser_for("python -m jaxgpt.eval.harness", HarnessConfig.__doc__, (HarnessConfig, None))
     parser.epilog = "lm-eval's flags: --tasks, --num_fewshot, --limit, --output_path, --log_samples, ..."
     known, rest = parser.parse_known_args(argv)

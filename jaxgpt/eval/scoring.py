@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from jaxgpt.core.distributed import to_host
 from jaxgpt.core.sharding import batch_sharding, check_batch_divisible
 from jaxgpt.model.gpt import GPT
-from jaxgpt.model.losses import model_log_probs, token_log_probs
+from jaxgpt.model.losses import model_weighted_nll, weighted_nll
 
 SMALLEST_BUCKET = 64
 
@@ -43,9 +43,9 @@ def _row_scores(
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     model = nnx.merge(graphdef, state)
     if not greedy:
-        return (model_log_probs(model, inputs, targets) * weights).sum(axis=-1)
+        return -model_weighted_nll(model, inputs, targets, weights, axis=-1)
     logits = model(inputs)  # lm-eval's is_greedy needs every position's argmax: the plain head
-    sums = (token_log_probs(logits, targets) * weights).sum(axis=-1)
+    sums = -weighted_nll(logits, targets, weights, axis=-1)
     return sums, jnp.all((jnp.argmax(logits, axis=-1) == targets) | (weights == 0), axis=-1)
 
 
@@ -137,7 +137,7 @@ def score_rows(
     assert lengths.max(initial=1) <= scorer.block_size and lengths.min(initial=1) >= 1, (lengths.min(), lengths.max())
     order = np.argsort(-lengths, kind="stable")
     sums, is_greedy = np.zeros(len(rows)), np.zeros(len(rows), bool)
-    bar = tqdm(total=len(rows), desc=desc, unit="row", disable=not progress)
+    bar = tqdm(total=len(rows), desc=desc, unit="row", disable=None if progress else True)
     for first in range(0, len(rows), batch_rows):
         batch = order[first : first + batch_rows]
         length = next(b for b in buckets if b >= lengths[batch].max())

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any, Literal
 
 from jaxgpt.core.errors import UserError
-from jaxgpt.core.options import option
+from jaxgpt.core.options import option, tagged
 
 DType = Literal["float32", "bfloat16", "float16"]
 AttentionImpl = Literal["xla", "cudnn", "splash", "auto"]
@@ -20,41 +20,61 @@ Activation = Literal["gelu", "relu2"]
 class GPTConfig:
     """GPT model shape and numerics."""
 
-    vocab_size: int = option(50257, "tokens in the vocabulary (GPT-2 BPE: 50257)")
-    block_size: int = option(1024, "context length: the largest sequence the model reads")
-    n_layer: int = option(12, "transformer blocks")
-    n_head: int = option(12, "attention heads per block")
-    n_embd: int = option(768, "width of the residual stream")
-    dropout: float = option(0.0, "dropout rate on embeddings, attention weights and residual branches")
-    pad_vocab_multiple: int = option(1, "pad the embedding table to a multiple of this (64 gives 50304: faster)")
-    dtype: DType = option("float32", "compute dtype of activations and matmuls")
-    param_dtype: DType = option("float32", "storage dtype of the parameters (keep float32 to train)")
+    # Tags (see shape_fields, runtime_fields, ARCHITECTURE_OPTIONS): shape= a size, runtime= how the model runs.
+    vocab_size: int = option(50257, "tokens in the vocabulary (GPT-2 BPE: 50257)", shape="weights")
+    block_size: int = option(1024, "context length: the largest sequence the model reads", shape="context")
+    n_layer: int = option(12, "transformer blocks", shape="weights")
+    n_head: int = option(12, "attention heads per block", shape="weights")
+    n_embd: int = option(768, "width of the residual stream", shape="weights")
+    dropout: float = option(0.0, "dropout rate on embeddings, attention weights and residual branches", runtime=True)
+    pad_vocab_multiple: int = option(
+        1, "pad the embedding table to a multiple of this (64 gives 50304: faster)", shape="padding", runtime=True
+    )
+    dtype: DType = option("float32", "compute dtype of activations and matmuls", runtime=True)
+    param_dtype: DType = option("float32", "storage dtype of the parameters (keep float32 to train)", runtime=True)
     attention: AttentionImpl = option(
-        "auto", "attention kernel: xla, cudnn (flash, GPU), splash (flash, TPU; interpreted elsewhere: slow) or auto"
+        "auto",
+        "attention kernel: xla, cudnn (flash, GPU), splash (flash, TPU; interpreted elsewhere: slow) or auto",
+        runtime=True,
     )
     loss: LossImpl = option(
         "auto",
         "head + cross-entropy: fused (tiled, no [tokens, vocab] logits), fused_pallas (plus a Pallas head kernel, "
         "GPU), plain, or auto (plain on CPU, else fused)",
+        runtime=True,
     )
-    remat: bool = option(False, "rematerialise each block in the backward pass (saves memory, costs FLOPs)")
+    remat: bool = option(
+        False, "rematerialise each block in the backward pass (saves memory, costs FLOPs)", runtime=True
+    )
     layer_norm_eps: float = option(1e-5, "LayerNorm/RMSNorm epsilon (GPT-2: 1e-5)")
     # Architecture options beyond GPT-2 (modded-nanogpt's speedrun); the defaults are GPT-2 exactly.
-    position_embedding: PositionEmbedding = option("learned", "learned (GPT-2's wpe table) or rotary (RoPE, no wpe)")
-    rope_base: float = option(10000.0, "rotary embedding base (theta)")
-    norm: Norm = option("layernorm", "normalisation of the blocks and the final one: layernorm or rmsnorm")
-    norm_scale: bool = option(True, "learnable scale in every norm (off: a parameter-free norm, as modded-nanogpt)")
-    qk_norm: bool = option(False, "RMS-normalise queries and keys per head before attention (QK-norm)")
-    activation: Activation = option(
-        "gelu", "MLP nonlinearity: gelu (GPT-2's tanh approximation) or relu2 (ReLU squared)"
+    # architecture=True: the options that change the computation away from GPT-2's (zero_init_proj only changes
+    # the start).
+    position_embedding: PositionEmbedding = option(
+        "learned", "learned (GPT-2's wpe table) or rotary (RoPE, no wpe)", architecture=True
     )
-    tie_embeddings: bool = option(True, "output head shares the token embedding (off: a separate lm_head matrix)")
-    bias: bool = option(True, "biases in the projections and norms")
+    rope_base: float = option(10000.0, "rotary embedding base (theta)")
+    norm: Norm = option(
+        "layernorm", "normalisation of the blocks and the final one: layernorm or rmsnorm", architecture=True
+    )
+    norm_scale: bool = option(
+        True, "learnable scale in every norm (off: a parameter-free norm, as modded-nanogpt)", architecture=True
+    )
+    qk_norm: bool = option(
+        False, "RMS-normalise queries and keys per head before attention (QK-norm)", architecture=True
+    )
+    activation: Activation = option(
+        "gelu", "MLP nonlinearity: gelu (GPT-2's tanh approximation) or relu2 (ReLU squared)", architecture=True
+    )
+    tie_embeddings: bool = option(
+        True, "output head shares the token embedding (off: a separate lm_head matrix)", architecture=True
+    )
+    bias: bool = option(True, "biases in the projections and norms", architecture=True)
     zero_init_proj: bool = option(False, "initialise the residual output projections (and an untied head) to zero")
-    logit_softcap: float = option(0.0, "squash logits to (-c, c) with c*tanh(logits/c) (0: off)")
+    logit_softcap: float = option(0.0, "squash logits to (-c, c) with c*tanh(logits/c) (0: off)", architecture=True)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_multiple"):
+        for name in shape_fields():
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
@@ -79,30 +99,43 @@ class GPTConfig:
 
     @property
     def padded_vocab_size(self) -> int:
+        """The embedding table's rows: vocab_size rounded up to pad_vocab_multiple."""
         m = self.pad_vocab_multiple
         return -(-self.vocab_size // m) * m
 
     @property
     def head_dim(self) -> int:
+        """Each attention head's size: n_embd / n_head."""
         return self.n_embd // self.n_head
 
     def replace(self, **changes: Any) -> GPTConfig:
+        """A copy with ``changes``, checked again as a new config is."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, as the run file and the checkpoints store them."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> GPTConfig:
+        """A config from stored fields: unknown keys (another version's) are ignored, missing ones take defaults."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
-# The options that change the computation away from GPT-2's (zero_init_proj only changes the start).
-ARCHITECTURE_OPTIONS = (
-    "position_embedding", "norm", "norm_scale", "qk_norm", "activation", "tie_embeddings", "bias",
-    "logit_softcap",
-)  # fmt: skip
+def shape_fields(*kinds: str) -> tuple[str, ...]:
+    """GPTConfig's sizes, all positive, which a resumed run keeps from its checkpoint: of ``kinds`` (all if none)
+    ``weights`` (they fix the parameters' shapes), ``context`` (block_size) and ``padding`` (pad_vocab_multiple)."""
+    return tagged(GPTConfig, "shape", *kinds)
+
+
+def runtime_fields() -> tuple[str, ...]:
+    """GPTConfig's fields that say how a model runs (dtypes, kernels, dropout, padding), not what its weights
+    are: a model loaded to fine-tune takes the command line's."""
+    return tagged(GPTConfig, "runtime")
+
+
+ARCHITECTURE_OPTIONS = tagged(GPTConfig, "architecture")  # changed from GPT-2's: non_gpt2_options reports them
 
 # The four sizes OpenAI released (n_layer, n_head, n_embd); all use 1024 positions and 50257 tokens.
 PRESETS: dict[str, dict[str, int]] = {

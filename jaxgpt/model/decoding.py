@@ -31,6 +31,7 @@ class KVCache(NamedTuple):
 
 
 def init_cache(config: GPTConfig, batch_size: int, max_len: int, dtype=None) -> list[KVCache]:
+    """Empty KV caches, one per layer, for ``batch_size`` sequences of up to ``max_len`` positions."""
     b, h, d, dtype = batch_size, config.n_head, config.head_dim, dtype or config.dtype
     return [
         KVCache(jnp.zeros((b, h, d, max_len), dtype), jnp.zeros((b, h, max_len, d), dtype))

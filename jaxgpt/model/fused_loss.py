@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt.core.platform import Runtime
+from jaxgpt.model.gpt import mask_logits
 from jaxgpt.model.kernels import head_kernel
 
 CHUNK_TOKENS = 16384  # tokens per tile on each device of the data axis: a GPT-2 tile of bf16 logits is 1.6 GB
@@ -38,10 +39,9 @@ def _pad_sequence(x: jax.Array, length: int) -> jax.Array:
 def _tile_logits(h: jax.Array, embedding: jax.Array, vocab_size: int) -> jax.Array:
     """float32 [B, t, padded_vocab]: the tied head on one tile, padded ids masked like ``GPT.logits``."""
     logits = jnp.einsum("btc,vc->btv", h, embedding).astype(jnp.float32)
-    if embedding.shape[0] != vocab_size:
-        valid = jnp.arange(embedding.shape[0]) < vocab_size
-        logits = jnp.where(valid, logits, jnp.finfo(jnp.float32).min)
-    return logits
+    if embedding.shape[0] == vocab_size:
+        return logits
+    return mask_logits(logits, jnp.arange(embedding.shape[0]) < vocab_size)
 
 
 def _logsumexp(logits: jax.Array) -> jax.Array:
@@ -120,10 +120,15 @@ def fused_token_log_probs(
     return out[:, :t]
 
 
+def _nll_sum(h, embedding, targets, weights, vocab_size, chunk_tokens, kernel, axis):
+    """sum(weights * -log p(target)) over ``axis``, differentiated (slowly) through the tile loop."""
+    return -(fused_token_log_probs(h, embedding, targets, vocab_size, chunk_tokens, kernel) * weights).sum(axis)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _weighted_nll(h, embedding, targets, weights, vocab_size, chunk_tokens, kernel):
-    """sum(weights * -log p(target)): a float32 scalar."""
-    return -(fused_token_log_probs(h, embedding, targets, vocab_size, chunk_tokens, kernel) * weights).sum()
+    """The scalar ``_nll_sum``, its gradient computed in the forward pass (``_weighted_nll_fwd``)."""
+    return _nll_sum(h, embedding, targets, weights, vocab_size, chunk_tokens, kernel, None)
 
 
 def _weighted_nll_fwd(h, embedding, targets, weights, vocab_size, chunk_tokens, kernel):
@@ -162,28 +167,6 @@ def _weighted_nll_bwd(vocab_size, chunk_tokens, kernel, residuals, cotangent):
 _weighted_nll.defvjp(_weighted_nll_fwd, _weighted_nll_bwd)
 
 
-def fused_cross_entropy(
-    h: jax.Array,
-    embedding: jax.Array,
-    targets: jax.Array,
-    vocab_size: int,
-    weights: jax.Array | None = None,
-    chunk_tokens: int = CHUNK_TOKENS,
-    kernel: Runtime | None = None,
-) -> jax.Array:
-    """Mean next-token NLL of the tied head on ``h`` [B, T, C], like ``losses.cross_entropy(logits, ...)``.
-
-    ``weights`` [B, T] (padding gets 0) give a weighted mean; their gradient is not computed. ``kernel``
-    (a runtime): logits and log-sum-exp from ``jaxgpt.model.kernels.head_kernel`` where a tile fits it.
-    """
-    if weights is None:
-        weights = jnp.full(targets.shape, 1.0 / targets.size, jnp.float32)
-    else:
-        weights = weights.astype(jnp.float32)
-        weights = weights / jnp.maximum(weights.sum(), 1.0)
-    return fused_weighted_nll(h, embedding, targets, vocab_size, weights, chunk_tokens, kernel)
-
-
 def fused_weighted_nll(
     h: jax.Array,
     embedding: jax.Array,
@@ -192,9 +175,18 @@ def fused_weighted_nll(
     weights: jax.Array,
     chunk_tokens: int = CHUNK_TOKENS,
     kernel: Runtime | None = None,
+    axis: int | tuple[int, ...] | None = None,
 ) -> jax.Array:
-    """sum(weights * -log p(target)) of the tied head on ``h`` [B, T, C]; no gradient flows to ``weights``."""
+    """sum(weights * -log p(target)) over ``axis`` of the head ``embedding`` [Vp, C] on ``h`` [B, T, C], as
+    ``losses.weighted_nll`` of the materialised logits; no gradient flows to ``weights``.
+
+    The scalar (``axis=None``, the training loss) gets the one-pass gradient of the module doc; other sums
+    (``-1``: per row, ``()``: per token) are for scoring. ``kernel`` (a runtime): logits and log-sum-exp
+    from ``jaxgpt.model.kernels.head_kernel`` where a tile fits it.
+    """
     assert h.shape[:2] == targets.shape == weights.shape, (h.shape, targets.shape, weights.shape)
     assert h.shape[-1] == embedding.shape[-1], (h.shape, embedding.shape)
     weights = jax.lax.stop_gradient(weights.astype(jnp.float32))
-    return _weighted_nll(h, embedding, targets, weights, vocab_size, chunk_tokens, kernel)
+    if axis is None:
+        return _weighted_nll(h, embedding, targets, weights, vocab_size, chunk_tokens, kernel)
+    return _nll_sum(h, embedding, targets, weights, vocab_size, chunk_tokens, kernel, axis)

@@ -37,6 +37,9 @@ Array = jax.Array
 
 
 class CausalSelfAttention(nnx.Module):
+    """Multi-head causal self-attention: ``c_attn`` projects to queries, keys and values per head, a kernel
+    the runtime picks attends, ``c_proj`` maps back to the residual stream; QK-norm and rotary if configured."""
+
     def __init__(self, config: GPTConfig, rngs: nnx.Rngs):
         c, h, d = config.n_embd, config.n_head, config.head_dim
         # Heads get their own kernel axis so tensor parallelism splits whole heads (Megatron-style).
@@ -74,6 +77,8 @@ class CausalSelfAttention(nnx.Module):
 
 
 class MLP(nnx.Module):
+    """The feed-forward branch: n_embd -> 4 n_embd (GPT-2's tanh GELU, or ReLU²) -> n_embd, dropout on its output."""
+
     def __init__(self, config: GPTConfig, rngs: nnx.Rngs):
         c = config.n_embd
         self.c_fc = nnx.Linear(c, 4 * c, **_dense(config, 0.02, ("embed", "mlp"), rngs))
@@ -88,6 +93,8 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
+    """One pre-norm transformer block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+
     def __init__(self, config: GPTConfig, rngs: nnx.Rngs):
         self.ln_1 = _norm(config, config.n_embd, ("embed",), config.norm, rngs)
         self.attn = CausalSelfAttention(config, rngs)
@@ -101,6 +108,10 @@ class Block(nnx.Module):
 
 
 class GPT(nnx.Module):
+    """GPT-2: token (and, unless rotary, position) embeddings, ``n_layer`` blocks, a final norm and the output head,
+    tied to the token embedding unless ``tie_embeddings`` is off. Calling it gives logits; ``features`` the hidden
+    states the fused loss reads instead."""
+
     def __init__(self, config: GPTConfig, rngs: nnx.Rngs):
         self.config = config
         c, dtypes = config.n_embd, dict(dtype=config.dtype, param_dtype=config.param_dtype)
@@ -148,6 +159,7 @@ class GPT(nnx.Module):
         return self.ln_f(x)
 
     def embed(self, tokens: Array, positions: Array) -> Array:
+        """The first block's input: token embeddings plus learned position embeddings (rotary adds none here)."""
         return self.wte(tokens) if self.wpe is None else self.wte(tokens) + self.wpe(positions)
 
     def logits(self, features: Array) -> Array:

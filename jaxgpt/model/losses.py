@@ -1,12 +1,16 @@
 """Next-token cross-entropy, shared by training, validation and evaluation.
 
-``model_loss`` and ``model_log_probs`` run a model's output head and the loss either plainly
-(float32 logits [B, T, vocab], then the loss) or fused (``jaxgpt.model.fused_loss``: tile by tile, no
-[B, T, vocab] tensor), as ``GPTConfig.loss`` says; both give the same numbers.
+One loss, :func:`model_weighted_nll`: ``sum(weights * -log p(target))`` of a model on a batch, summed
+over the whole batch (the training loss, chat masks included), per row (evaluation, HellaSwag) or per
+token. It runs the output head and the loss either plainly (float32 logits [B, T, vocab], then
+:func:`weighted_nll`) or fused (``jaxgpt.model.fused_loss``: tile by tile, no [B, T, vocab] tensor), as
+``GPTConfig.loss`` says; both give the same numbers. The mean (:func:`model_loss`,
+:func:`cross_entropy`) is the weighted sum under :func:`mean_weights`.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import jax
@@ -14,7 +18,7 @@ import jax.numpy as jnp
 
 from jaxgpt.core.platform import Runtime, local_runtime
 from jaxgpt.model.config import GPTConfig
-from jaxgpt.model.fused_loss import CHUNK_TOKENS, fused_cross_entropy, fused_token_log_probs, fused_weighted_nll
+from jaxgpt.model.fused_loss import CHUNK_TOKENS, fused_weighted_nll
 from jaxgpt.model.gpt import GPT
 
 
@@ -26,13 +30,26 @@ def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
+def mean_weights(shape: tuple[int, ...], weights: jax.Array | None = None) -> jax.Array:
+    """float32 weights under which a weighted NLL sum is the mean NLL: 1/N at each of the N positions, or
+    ``weights`` (padding gets 0) over their sum, at least 1 so that an all-padding batch gives 0, not NaN."""
+    if weights is None:
+        return jnp.full(shape, 1.0 / math.prod(shape), jnp.float32)
+    weights = weights.astype(jnp.float32)
+    return weights / jnp.maximum(weights.sum(), 1.0)
+
+
+def weighted_nll(
+    logits: jax.Array, targets: jax.Array, weights: jax.Array, axis: int | tuple[int, ...] | None = None
+) -> jax.Array:
+    """sum(weights * -log p(target)) over ``axis`` (``None``: all, ``-1``: per row, ``()``: per token) of
+    materialised logits: the plain path of :func:`model_weighted_nll`."""
+    return -(token_log_probs(logits, targets) * weights).sum(axis)
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     """Mean negative log-likelihood over the positions (weighted: padding gets weight 0)."""
-    nll = -token_log_probs(logits, targets)
-    if weights is None:
-        return nll.mean()
-    weights = weights.astype(jnp.float32)
-    return (nll * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+    return weighted_nll(logits, targets, mean_weights(targets.shape, weights))
 
 
 def resolve_loss(config: GPTConfig, platform: str) -> str:
@@ -52,15 +69,27 @@ def head_weights(model: GPT) -> jax.Array:
     return model.wte.embedding[...] if model.lm_head is None else model.lm_head.kernel[...].T
 
 
-def model_log_probs(model: GPT, inputs: jax.Array, targets: jax.Array, runtime: Runtime | None = None) -> jax.Array:
-    """log p(target) float32 [B, T] under ``model`` reading ``inputs`` (no dropout)."""
+def model_weighted_nll(
+    model: GPT,
+    inputs: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    dropout_key: jax.Array | None = None,
+    runtime: Runtime | None = None,
+    *,
+    axis: int | tuple[int, ...] | None = None,
+) -> jax.Array:
+    """sum(weights * -log p(target)) over ``axis`` (``None``: the batch, ``-1``: per row, ``()``: per token) of
+    ``model`` reading ``inputs``: the loss every other form (mean, masked, per-row scores) derives from."""
     runtime = runtime or local_runtime()
     loss = resolve_loss(model.config, runtime.platform)
     if loss == "plain":
-        return token_log_probs(model(inputs, runtime=runtime), targets)
-    features = model.features(inputs, runtime=runtime)
+        return weighted_nll(model(inputs, dropout_key=dropout_key, runtime=runtime), targets, weights, axis)
+    features = model.features(inputs, dropout_key=dropout_key, runtime=runtime)
     tiling = _tiling(loss, runtime)
-    return fused_token_log_probs(features, head_weights(model), targets, model.config.vocab_size, **tiling)
+    return fused_weighted_nll(
+        features, head_weights(model), targets, model.config.vocab_size, weights, axis=axis, **tiling
+    )
 
 
 def model_loss(
@@ -71,31 +100,7 @@ def model_loss(
     runtime: Runtime | None = None,
 ) -> jax.Array:
     """Mean next-token cross-entropy of ``model`` on a batch: the training loss."""
-    runtime = runtime or local_runtime()
-    loss = resolve_loss(model.config, runtime.platform)
-    if loss == "plain":
-        return cross_entropy(model(inputs, dropout_key=dropout_key, runtime=runtime), targets)
-    features = model.features(inputs, dropout_key=dropout_key, runtime=runtime)
-    tiling = _tiling(loss, runtime)
-    return fused_cross_entropy(features, head_weights(model), targets, model.config.vocab_size, **tiling)
-
-
-def model_weighted_nll(
-    model: GPT,
-    inputs: jax.Array,
-    targets: jax.Array,
-    weights: jax.Array,
-    dropout_key: jax.Array | None = None,
-    runtime: Runtime | None = None,
-) -> jax.Array:
-    """sum(weights * -log p(target)) of ``model`` on a batch: a masked (chat) loss before normalising."""
-    runtime = runtime or local_runtime()
-    loss = resolve_loss(model.config, runtime.platform)
-    if loss == "plain":
-        return -(token_log_probs(model(inputs, dropout_key=dropout_key, runtime=runtime), targets) * weights).sum()
-    features = model.features(inputs, dropout_key=dropout_key, runtime=runtime)
-    head = head_weights(model)
-    return fused_weighted_nll(features, head, targets, model.config.vocab_size, weights, **_tiling(loss, runtime))
+    return model_weighted_nll(model, inputs, targets, mean_weights(targets.shape), dropout_key, runtime)
 
 
 def _tiling(loss: str, runtime: Runtime) -> dict:

@@ -42,6 +42,7 @@ class ParamCodec:
         assert len(set(self.names)) == len(self.names), "parameter names must be unique"
 
     def to_flat(self, model: GPT) -> Params:
+        """The model's parameters as a flat ``{name: array}`` dict, the form checkpoints store."""
         leaves = jax.tree.leaves(nnx.state(model))
         assert len(leaves) == len(self.names), (len(leaves), len(self.names))
         return dict(zip(self.names, leaves, strict=True))
@@ -60,6 +61,7 @@ class ParamCodec:
         return self.to_model(self.abstract)
 
     def to_model(self, params: Params) -> GPT:
+        """A GPT whose parameters are ``params`` (as ``to_flat`` gives them), without copying them."""
         missing = set(self.names) - params.keys()
         assert not missing, f"missing parameters: {sorted(missing)[:5]}"
         state = jax.tree.unflatten(self._treedef, [params[name] for name in self.names])

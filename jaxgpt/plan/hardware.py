@@ -152,6 +152,8 @@ def cpu_target() -> Target:
 
 
 def get_target(name: str, num_slices: int = 1) -> Target:
+    """The hardware a --target name means: a TPU slice (v5e:2x2, with --num_slices), a GPU, or cpu; an
+    unknown name is a UserError."""
     if name.partition(":")[0] in TPU_GENERATIONS:
         return tpu_target(name, num_slices)
     if num_slices != 1:

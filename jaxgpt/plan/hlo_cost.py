@@ -29,6 +29,8 @@ _NOT_KERNELS = {"ConcatBitcast", "AllocateBuffer", "AssumeGatherIndicesInBound",
 
 @dataclasses.dataclass
 class ProgramCost:
+    """What one compiled program does by XLA's cost analysis, with the custom calls it cannot see into."""
+
     flops: float
     bytes_accessed: float  # XLA's count plus custom-call operands and results
     custom_call_bytes: float

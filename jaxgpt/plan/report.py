@@ -36,7 +36,9 @@ from jaxgpt.core.sharding import DATA, accumulated_batch_sharding, check_batch_d
 from jaxgpt.model.gpt import resolve_attention
 from jaxgpt.plan.hardware import Target, get_target, target_devices
 from jaxgpt.plan.hlo_cost import program_cost
+from jaxgpt.tokenizer import tokenizer_of
 from jaxgpt.train.config import RunConfig, parse_run_config
+from jaxgpt.train.run_tokenizer import with_vocab
 from jaxgpt.train.step import TrainStep, build_step
 
 GiB = 2**30
@@ -69,6 +71,8 @@ class PlanConfig:
 
 @dataclasses.dataclass
 class Plan:
+    """What one compile says about the step, per device unless named otherwise (printed or ``--json``)."""
+
     target: str
     device_kind: str
     num_devices: int
@@ -111,6 +115,7 @@ def compile_step(run_config: RunConfig, target: Target, devices: list) -> tuple[
 
 
 def make_plan(run_config: RunConfig, target: Target, devices: list, dump_hlo: str | None = None) -> Plan:
+    """Compiles ``run_config``'s step for ``target`` and reads its memory, FLOPs, bytes and roofline."""
     cfg, model = run_config.train_config, run_config.model_config
     try:
         step, compiled = compile_step(run_config, target, devices)
@@ -187,6 +192,7 @@ def largest_batch(fits: Callable[[int], bool], start: int, fits_at_start: bool, 
 
 
 def with_batch_size(run_config: RunConfig, batch: int) -> RunConfig:
+    """``run_config`` with another micro-batch (the batch search compiles several)."""
     return dataclasses.replace(run_config, train_config=dataclasses.replace(run_config.train_config, batch_size=batch))
 
 
@@ -204,8 +210,10 @@ def _fits_without_remat(run_config: RunConfig, target: Target, devices: list) ->
 
 
 def format_plan(plan: Plan) -> str:
-    def rate(x: float | None, unit: str, scale: float = 1.0) -> str:
-        return "n/a (no peak known)" if x is None else f"{x / scale:,.3g} {unit}"
+    """The plan as the table ``python -m jaxgpt.plan`` prints."""
+
+    def rate(x: float, unit: str, scale: float = 1.0) -> str:
+        return f"{x / scale:,.3g} {unit}"
 
     remat = "XLA rematerialised to fit" if plan.xla_remat else "none by XLA"
     remat += ", jax.checkpoint per block (--remat)" if plan.jax_remat else ""
@@ -225,9 +233,13 @@ def format_plan(plan: Plan) -> str:
         f"HBM bytes per token {plan.bytes_per_token / 1e6:.2f} MB "
         f"(custom calls {plan.custom_call_bytes_per_token / 1e6:.2f} MB)",
         f"custom calls        {calls}",
-        f"roofline            step {rate(plan.roofline_step_s, 'ms', 1e-3)}, "
-        f"{rate(plan.roofline_tokens_per_s, 'tokens/s')}, MFU "
-        + ("n/a" if plan.roofline_mfu is None else f"{plan.roofline_mfu:.0%}"),
+        "roofline            "
+        + (
+            "n/a (no peak known for this device)"
+            if plan.roofline_step_s is None or plan.roofline_tokens_per_s is None
+            else f"step {rate(plan.roofline_step_s, 'ms', 1e-3)}, {rate(plan.roofline_tokens_per_s, 'tokens/s')}, "
+            + ("MFU n/a" if plan.roofline_mfu is None else f"MFU {plan.roofline_mfu:.0%}")
+        ),
     ]
     if plan.max_batch_size is not None:
         lines.append(f"largest micro-batch without remat: {plan.max_batch_size}")
@@ -235,6 +247,7 @@ def format_plan(plan: Plan) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m jaxgpt.plan``: every train.py flag plus the target; prints the plan of the step."""
     parser = ArgumentParser(prog="python -m jaxgpt.plan", description=__doc__.splitlines()[0], add_help=False)
     add_dataclass_arguments(parser, PlanConfig)
     plan_args, train_argv = parser.parse_known_args(argv)
@@ -244,6 +257,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     config = build(PlanConfig, plan_args)
     run_config = parse_run_config(train_argv)
+    vocab = with_vocab(
+        run_config.model_config, tokenizer_of(run_config.train_config.data_dir), "vocab_size" in run_config.model_flags
+    )
+    run_config = dataclasses.replace(run_config, model_config=vocab)  # the data's tokenizer, as train.py takes it
     target = get_target(config.target, config.num_slices)
     devices = target_devices(target, config.num_devices)
     try:

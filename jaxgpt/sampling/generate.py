@@ -115,10 +115,13 @@ def _argmax(x: Array) -> Array:
 
 
 def bucket_prompt_len(n: int) -> int:
+    """The prompt length compiled for ``n`` tokens: the next power of two (at least MIN_PROMPT_BUCKET), so
+    that a few shapes serve every prompt."""
     return max(MIN_PROMPT_BUCKET, 1 << (n - 1).bit_length())
 
 
 def bucket_cache_len(n: int) -> int:
+    """The KV-cache length compiled for ``n`` positions: ``n`` rounded up to CACHE_MULTIPLE, for few shapes."""
     return -(-n // CACHE_MULTIPLE) * CACHE_MULTIPLE
 
 

@@ -17,8 +17,10 @@ from jaxgpt.sampling.config import SampleConfig
 from jaxgpt.sampling.generate import check_prompts, generate
 from jaxgpt.tokenizer.encoding import Tokenizer
 
+DEFAULT_NEW_TOKENS = 256  # without --max_new_tokens: this many, or fewer where the context has less room
 FILE_PREFIX = "FILE:"
 SEPARATOR = "---------------"
+PROMPT = "prompt> "  # what --interactive asks with on a terminal
 
 
 def load_prompt(text: str) -> str:
@@ -32,37 +34,58 @@ def load_prompt(text: str) -> str:
         raise UserError(f"could not read the prompt file {path}: {getattr(err, 'strerror', None) or err}") from err
 
 
-def read_prompts(config: SampleConfig, stdin: TextIO | None = None) -> Iterator[str]:
-    """The --prompt, or with --interactive each line of stdin (blank: <|endoftext|>), as given (maybe FILE:path)."""
-    stdin = sys.stdin if stdin is None else stdin
-    if not config.interactive:
-        yield config.prompt
-        return
+def input_lines(stdin: TextIO, prompt: str, *, skip_blank: bool = False) -> Iterator[str]:
+    """Each line of ``stdin`` until it ends, without its newline; on a terminal ``prompt`` (on stderr) asks for it.
+
+    ``sample.py --interactive`` keeps blank lines (an empty prompt: <|endoftext|>), ``--chat`` skips them.
+    """
     while True:
         if stdin.isatty():
-            print("prompt> ", end="", file=sys.stderr, flush=True)
+            print(prompt, end="", file=sys.stderr, flush=True)
         line = stdin.readline()
         if not line:
             return
-        yield line.rstrip("\n")
+        if line.strip() or not skip_blank:
+            yield line.rstrip("\n")
 
 
 class TextStream:
-    """Writes one sample as text while its tokens arrive; a character split across tokens waits for its last byte."""
+    """``generate``'s on_token for a batch of one: writes the text while its tokens arrive, after ``prompt``.
 
-    def __init__(self, tokenizer: Tokenizer, out: TextIO, prompt: str, hide_eot: bool):
-        self.tokenizer, self.out, self.hide_eot = tokenizer, out, hide_eot
+    A character split across tokens waits for its last byte. ``hide_eot``: the end-of-text token that ends a
+    sample is not shown; ``strip_space``: leading whitespace is dropped (a chat answer: the
+    template's space, a speaker's newline); ``close`` writes ``end``.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        out: TextIO,
+        prompt: str = "",
+        hide_eot: bool = True,
+        *,
+        strip_space: bool = False,
+        end: str = "\n" + SEPARATOR + "\n",
+    ):
+        self.tokenizer, self.out, self.hide_eot, self.end = tokenizer, out, hide_eot, end
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._strip_space = strip_space
         out.write(prompt)
 
     def __call__(self, row: int, token: int) -> None:
-        """``generate``'s on_token for a batch of one; the end-of-text token that ends a sample is not shown."""
-        if not (self.hide_eot and token == self.tokenizer.eot_id):
-            self.out.write(self._utf8.decode(self.tokenizer.decode_bytes([token])))
-            self.out.flush()
+        """Writes ``token``'s text (``row`` is always 0)."""
+        if self.hide_eot and token == self.tokenizer.eot_id:
+            return
+        text = self._utf8.decode(self.tokenizer.decode_bytes([token]))
+        if self._strip_space:  # until the first visible text: a model trained on plays may start with a newline
+            text = text.lstrip()
+            self._strip_space = not text
+        self.out.write(text)
+        self.out.flush()
 
     def close(self) -> None:
-        self.out.write(self._utf8.decode(b"", final=True) + "\n" + SEPARATOR + "\n")
+        """Writes what is left of a split character, then ``end``."""
+        self.out.write(self._utf8.decode(b"", final=True) + self.end)
         self.out.flush()
 
 
@@ -71,7 +94,10 @@ def sample_prompt(
 ) -> None:
     """Writes ``config.num_samples`` continuations of ``prompt`` (text or FILE:path), each after the prompt."""
     prompt = load_prompt(prompt)
-    tokens = check_prompts(model, [tokenizer.encode(prompt, allow_eot=True)], config.max_new_tokens)[0]
+    encoded = tokenizer.encode(prompt, allow_eot=True) or [tokenizer.eot_id]
+    room = max(1, model.config.block_size - len(encoded))  # none left: check_prompts says so
+    max_new_tokens = config.max_new_tokens or min(DEFAULT_NEW_TOKENS, room)
+    tokens = check_prompts(model, [encoded], max_new_tokens)[0]
     kwargs = dict(
         temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
         stop_at_eot=config.stop_at_eot, mesh=mesh, eot_id=tokenizer.eot_id,
@@ -80,10 +106,10 @@ def sample_prompt(
     if config.stream:  # one sample at a time: the lines of samples streamed together would interleave
         for i in range(config.num_samples):
             stream = new_stream()
-            generate(model, [tokens], config.max_new_tokens, key=jax.random.fold_in(key, i), on_token=stream, **kwargs)
+            generate(model, [tokens], max_new_tokens, key=jax.random.fold_in(key, i), on_token=stream, **kwargs)
             stream.close()
         return
-    for row_tokens in generate(model, [tokens] * config.num_samples, config.max_new_tokens, key=key, **kwargs):
+    for row_tokens in generate(model, [tokens] * config.num_samples, max_new_tokens, key=key, **kwargs):
         stream = new_stream()
         for token in row_tokens:
             stream(0, token)

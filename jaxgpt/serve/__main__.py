@@ -53,12 +53,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     from jaxgpt.core.sharding import make_mesh, shard_model
     from jaxgpt.serve.app import create_app, uvicorn_config
     from jaxgpt.serve.engine import Engine
+    from jaxgpt.tokenizer import tokenizer_of
 
     mesh = make_mesh(config.mesh) if config.mesh else None
     model = load_model(config.init_from, dtype=config.dtype)
     if mesh is not None:
         shard_model(model, mesh)
-    engine = Engine(model, config.max_batch, config.max_queue, config.max_model_len, mesh).start(config.warmup)
+    tokenizer = tokenizer_of(config.init_from)  # the one the run (or exported model) carries; else GPT-2's
+    engine = Engine(model, tokenizer, config.max_batch, config.max_queue, config.max_model_len, mesh)
+    engine.start(config.warmup)
     name = config.served_model_name or config.init_from
     app = create_app(engine, name, config.init_from, config.api_key)
     server = uvicorn.Server(uvicorn_config(app, config.host, config.port))

@@ -29,7 +29,7 @@ from jaxgpt.model.gpt import GPT
 from jaxgpt.sampling.generate import bucket_cache_len, bucket_prompt_len
 from jaxgpt.serve.device import Picked, RowRules, model_leaves
 from jaxgpt.serve.text import TextTracker
-from jaxgpt.tokenizer.encoding import EOT_ID
+from jaxgpt.tokenizer import Tokenizer
 
 
 class QueueFullError(Exception):
@@ -69,9 +69,11 @@ class Update:
 class Ticket:
     """A submitted request: the engine's bookkeeping, and the handle ``Engine.cancel`` takes."""
 
-    def __init__(self, request: GenerationRequest, sink: Callable[[Update], None], seed: int) -> None:
+    def __init__(
+        self, request: GenerationRequest, sink: Callable[[Update], None], seed: int, tokenizer: Tokenizer
+    ) -> None:
         self.request, self.sink, self.seed = request, sink, seed
-        self.text = TextTracker(request.stop)
+        self.text = TextTracker(tokenizer, request.stop)
         self.generated = 0  # tokens read back
         self.dispatched = 0  # tokens the device has been asked for
         self.slot: int | None = None
@@ -83,9 +85,16 @@ class Engine:
     """The batching engine; ``start()`` its thread, ``submit`` requests, ``stop()`` to finish (drains)."""
 
     def __init__(
-        self, model: GPT, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None, mesh: Mesh | None = None
+        self,
+        model: GPT,
+        tokenizer: Tokenizer,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        max_len: int | None = None,
+        mesh: Mesh | None = None,
     ) -> None:
         config = model.config
+        self.tokenizer = tokenizer  # the model's: its end-of-text ends a request, its bytes make the text
         self.max_len = min(max_len or config.block_size, config.block_size)  # prompt + new tokens
         if max_batch < 1 or (mesh is not None and max_batch % data_axis_size(mesh)):
             raise UserError(f"max_batch {max_batch} must be positive (and a multiple of the mesh's data axis)")
@@ -127,7 +136,7 @@ class Engine:
         """Queues ``request``; ``sink`` gets its updates. QueueFullError past ``max_queue`` beyond free slots."""
         assert len(request.prompt) >= 1 and len(request.prompt) + request.max_tokens <= self.max_len, request
         seed = random.getrandbits(32) if request.seed is None else request.seed % 2**32
-        ticket = Ticket(request, sink, seed)
+        ticket = Ticket(request, sink, seed, self.tokenizer)
         with self.wake:
             if self.stopping:
                 raise QueueFullError("the server is shutting down")
@@ -282,7 +291,7 @@ class Engine:
                 logprobs = (TokenLogprob(token, float(host.logprob[slot]), top),)
             ticket.text.add([token])
             reason = None
-            if ticket.text.stopped or (token == EOT_ID and not ticket.request.ignore_eos):
+            if ticket.text.stopped or (token == self.tokenizer.eot_id and not ticket.request.ignore_eos):
                 reason = "stop"
             elif ticket.generated >= ticket.request.max_tokens:
                 reason = "length"

@@ -29,6 +29,7 @@ class TrainConfig:
     out_dir: str = option("out/shakespeare", "checkpoints, metrics.jsonl and the run description go here")
     init_from: str = option("scratch", "scratch, gpt2[-medium|-large|-xl], a HF GPT-2 dir or a jaxgpt out_dir")
     resume: bool = option(False, "continue the run in out_dir from its last checkpoint (also automatic if one exists)")
+    fresh: bool = option(False, "start over in out_dir: delete its checkpoints, metrics and run file first")
     reset_data: bool = option(False, "on resume, restart the data order from the first batch (e.g. after new data)")
     mesh: str | None = option(None, "device mesh DxM (data x model parallel); default: every device on data")
     fsdp: bool = option(False, "also shard parameters and optimizer state over the data axis (ZeRO-3)")
@@ -65,11 +66,15 @@ class TrainConfig:
     tensorboard: bool = option(False, "also log metrics and samples as TensorBoard events in out_dir/tb")
     wandb_project: str | None = option(None, "also log metrics, samples and configs to this Weights & Biases project")
     profile_steps: str | None = option(None, "START:STOP: JAX profiler trace of these steps in out_dir/profile")
+    objective: Literal["lm", "dpo"] = option(
+        "lm", "lm: next-token loss; dpo: DPO on preference pairs against init_from"
+    )
+    dpo_beta: float = option(0.1, "DPO's beta: how far the policy may move from the reference (TRL's default)")
 
     def __post_init__(self) -> None:
         positive = (
             "max_steps", "batch_size", "grad_accum", "log_interval", "eval_iters", "save_interval",
-            "keep_checkpoints", "eps", "lr_decay_steps", "hellaswag_items", "peak_flops",
+            "keep_checkpoints", "eps", "lr_decay_steps", "hellaswag_items", "peak_flops", "dpo_beta",
         )  # fmt: skip
         non_negative = (
             "warmup_steps", "weight_decay", "grad_clip", "eval_interval", "sample_interval", "sample_tokens",
@@ -91,6 +96,8 @@ class TrainConfig:
                 raise UserError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         parse_profile_steps(self.profile_steps)
         check_tracker_installed(tensorboard=self.tensorboard, wandb_project=self.wandb_project)
+        if self.fresh and self.resume:
+            raise UserError("--fresh starts over and --resume continues: pass one of them")
         if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1:
             raise UserError(
                 f"need --muon_lr > 0 and 0 <= --muon_momentum < 1, got {self.muon_lr} and {self.muon_momentum}"
@@ -100,6 +107,7 @@ class TrainConfig:
 
     @property
     def decay_steps(self) -> int:
+        """The steps over which the learning rate decays: --lr_decay_steps, else the whole run."""
         return self.lr_decay_steps or self.max_steps
 
     def for_examples(self, num_examples: int) -> TrainConfig:
@@ -109,14 +117,12 @@ class TrainConfig:
         return dataclasses.replace(self, max_steps=max(steps, 1))
 
     def tokens_per_step(self, block_size: int) -> int:
+        """Tokens one optimizer step trains on: batch_size x grad_accum x block_size."""
         return self.batch_size * self.grad_accum * block_size
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, as the run file stores them (a resume reads the batch size and seed back)."""
         return dataclasses.asdict(self)
-
-
-def _run(train: dict[str, Any], model: GPTConfig) -> tuple[TrainConfig, GPTConfig]:
-    return TrainConfig(**train), model
 
 
 # What the GPT-2 124M recipes share (AdamW as in GPT-3's paper, bf16 compute, vocab padded to 50304).
@@ -131,32 +137,29 @@ _MODERN = dict(
 )  # fmt: skip
 _SHAKESPEARE = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, pad_vocab_multiple=64)
 
-# Each preset: (TrainConfig, GPTConfig). Numbers follow the recipe named in the comment.
-RUN_PRESETS: dict[str, tuple[TrainConfig, GPTConfig]] = {
-    # A small GPT that learns tiny Shakespeare on a laptop CPU in a few minutes (nanoGPT's CPU recipe).
-    "shakespeare": _run(dict(), _SHAKESPEARE),
+# Each preset: its TrainConfig fields (by topic: data and batch; optimizer; schedule; evaluation and saving) and
+# its GPTConfig. Numbers follow the recipe named in the comment. Every preset writes to out/<its name>.
+_RECIPES: dict[str, tuple[dict[str, Any], GPTConfig]] = {
+    # The Quick start: the modern recipe below on tiny Shakespeare with its own 4,096-token BPE (prepare
+    # --tokenizer train:4096): the head is 12x smaller than GPT-2's, so a 2-core CPU spends its steps on the model.
+    "shakespeare": (
+        dict(optimizer="muon", muon_lr=3e-3, lr=3e-3, max_steps=750, eval_interval=250, save_interval=250),
+        _SHAKESPEARE.replace(**_MODERN, tie_embeddings=False, logit_softcap=30.0, vocab_size=4096),
+    ),
+    # The Quick start before issue 21 (GPT-2's tokenizer, nanoGPT's CPU recipe), on data prepared with --tokenizer gpt2.
+    "shakespeare-gpt2": (dict(data_dir="data/shakespeare-gpt2"), _SHAKESPEARE),
     # The same model size, steps and tokens with the modern recipe (bench/bench_recipes.py compares the two).
-    "shakespeare-modern": _run(
-        dict(preset="shakespeare-modern", out_dir="out/shakespeare-modern", optimizer="muon", muon_lr=3e-3, lr=3e-3),
+    "shakespeare-modern": (
+        dict(data_dir="data/shakespeare-gpt2", optimizer="muon", muon_lr=3e-3, lr=3e-3),
         _SHAKESPEARE.replace(**_MODERN, tie_embeddings=False, logit_softcap=30.0),
     ),
     # llm.c / build-nanogpt: 524,288 tokens a step (64 x 1024 x 8 on one GPU; on N GPUs use
     # --batch_size 64*N --grad_accum 8/N), 10B FineWeb tokens in 19,073 steps.
-    "gpt2-124m-fineweb": _run(
+    "gpt2-124m-fineweb": (
         dict(
-            _GPT2_RECIPE,
-            preset="gpt2-124m-fineweb",
-            data_dir="data/fineweb10B",
-            out_dir="out/gpt2-124m-fineweb",
-            max_steps=19073,
-            batch_size=64,
-            grad_accum=8,
+            _GPT2_RECIPE, data_dir="data/fineweb10B", max_steps=19073, batch_size=64, grad_accum=8,
             warmup_steps=715,
-            eval_interval=250,
-            eval_iters=20,
-            save_interval=1000,
-            hellaswag_interval=250,
-            sample_interval=1000,
+            eval_interval=250, eval_iters=20, save_interval=1000, hellaswag_interval=250, sample_interval=1000,
         ),
         _GPT2_124M,
     ),
@@ -164,93 +167,62 @@ RUN_PRESETS: dict[str, tuple[TrainConfig, GPTConfig]] = {
     # 2024-10-14_ModernArch): 3.2741 FineWeb val loss after 5100 steps of 524,288 tokens (2.67B tokens).
     # Its architecture and optimizer groups: head size 128 (6 heads), tied embedding, AdamW lr 0.0036 (betas
     # 0.9/0.95, no decay) on it, Muon lr 0.00036 at RMS-1 updates, no warmup, linear warmdown over 1450 steps.
-    "gpt2-124m-speedrun": _run(
+    "gpt2-124m-speedrun": (
         dict(
-            preset="gpt2-124m-speedrun",
-            data_dir="data/fineweb10B",
-            out_dir="out/gpt2-124m-speedrun",
-            max_steps=5100,
-            batch_size=64,
-            grad_accum=8,
-            optimizer="muon",
-            lr=0.0036,
-            muon_lr=0.00036,
-            min_lr=0.0,
-            warmup_steps=0,
-            warmdown_steps=1450,
-            weight_decay=0.0,
-            beta2=0.95,
-            data_workers=2,
-            eval_interval=125,
-            eval_iters=20,
-            save_interval=1000,
-            hellaswag_interval=500,
-            sample_interval=1000,
+            data_dir="data/fineweb10B", max_steps=5100, batch_size=64, grad_accum=8, data_workers=2,
+            optimizer="muon", lr=0.0036, muon_lr=0.00036, weight_decay=0.0, beta2=0.95,
+            min_lr=0.0, warmup_steps=0, warmdown_steps=1450,
+            eval_interval=125, eval_iters=20, save_interval=1000, hellaswag_interval=500, sample_interval=1000,
         ),
         _GPT2_124M.replace(n_head=6, **_MODERN),
     ),
     # nanoGPT's config/train_gpt2.py: 12 x 1024 x 40 = 491,520 tokens a step, 600k steps on OpenWebText.
-    "gpt2-124m-owt": _run(
+    "gpt2-124m-owt": (
         dict(
-            _GPT2_RECIPE,
-            preset="gpt2-124m-owt",
-            data_dir="data/openwebtext",
-            out_dir="out/gpt2-124m-owt",
-            max_steps=600000,
-            batch_size=12,
-            grad_accum=40,
+            _GPT2_RECIPE, data_dir="data/openwebtext", max_steps=600000, batch_size=12, grad_accum=40,
             warmup_steps=2000,
-            eval_interval=1000,
-            eval_iters=200,
-            save_interval=1000,
+            eval_interval=1000, eval_iters=200, save_interval=1000,
         ),
         _GPT2_124M,
     ),
     # nanoGPT's config/finetune_shakespeare.py, from OpenAI's GPT-2 124M: few steps, small constant lr.
-    "finetune-shakespeare": _run(
+    "finetune-shakespeare": (
         dict(
-            preset="finetune-shakespeare",
-            out_dir="out/finetune-shakespeare",
-            init_from="gpt2",
-            max_steps=20,
-            batch_size=1,
-            grad_accum=32,
-            lr=3e-5,
-            min_lr=3e-5,
-            warmup_steps=0,
-            weight_decay=0.0,
-            beta2=0.95,
-            eval_interval=5,
-            eval_iters=20,
-            save_interval=10,
+            data_dir="data/shakespeare-gpt2",  # GPT-2's tokenizer, as the weights
+            init_from="gpt2", max_steps=20, batch_size=1, grad_accum=32,
+            lr=3e-5, weight_decay=0.0, beta2=0.95,
+            min_lr=3e-5, warmup_steps=0,
+            eval_interval=5, eval_iters=20, save_interval=10,
         ),
         preset("gpt2", dropout=0.1),
     ),
     # Instruction fine-tuning on chat shards (prepare --format chat) with TRL's SFTTrainer defaults: 3 epochs,
     # 8 conversations a step, lr 2e-5 decaying to 0, no weight decay, Adam betas 0.9/0.999; GPT-2's dropout.
-    "sft": _run(
+    "sft": (
         dict(
-            preset="sft",
-            data_dir="data/chat",
-            out_dir="out/sft",
-            init_from="gpt2",
-            epochs=3.0,
-            batch_size=8,
-            lr=2e-5,
-            min_lr=0.0,
-            warmup_steps=0,
-            weight_decay=0.0,
-            beta2=0.999,
-            eval_interval=200,
-            eval_iters=20,
-            save_interval=500,
+            data_dir="data/chat", init_from="gpt2", epochs=3.0, batch_size=8,
+            lr=2e-5, weight_decay=0.0, beta2=0.999,
+            min_lr=0.0, warmup_steps=0,
+            eval_interval=200, eval_iters=20, save_interval=500,
         ),
         preset("gpt2", dropout=0.1),
     ),
+    # Preference tuning of an SFT run on pairs (prepare --format preference) with TRL's DPOTrainer defaults: beta 0.1,
+    # lr 1e-6 decaying to 0, 8 pairs a step, 3 epochs, no weight decay, Adam betas 0.9/0.999, dropout off.
+    "dpo": (
+        dict(
+            data_dir="data/preference", init_from="out/sft", objective="dpo", epochs=3.0, batch_size=8,
+            lr=1e-6, weight_decay=0.0, beta2=0.999,
+            min_lr=0.0, warmup_steps=0,
+            eval_interval=200, eval_iters=20, save_interval=500, sample_tokens=0,
+        ),
+        preset("gpt2", dropout=0.0),
+    ),
+}  # fmt: skip
+RUN_PRESETS: dict[str, tuple[TrainConfig, GPTConfig]] = {
+    name: (TrainConfig(**{"preset": name, "out_dir": f"out/{name}", **train}), model)
+    for name, (train, model) in _RECIPES.items()
 }
-
-# Fields of GPTConfig that fix parameter shapes: a pretrained model's values win over the preset's.
-SHAPE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_embd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,6 +237,8 @@ class RunConfig:
 
 
 def parse_run_config(argv: Sequence[str] | None = None) -> RunConfig:
+    """What ``python train.py`` was asked for: the preset's defaults with the typed flags over them, and which
+    flags were typed."""
     description = (
         "Train or fine-tune a GPT on a device mesh. Defaults shown are the 'shakespeare' preset's; "
         f"--preset picks another set ({', '.join(RUN_PRESETS)})."
@@ -283,11 +257,20 @@ def parse_run_config(argv: Sequence[str] | None = None) -> RunConfig:
         raise UserError(f"unknown --preset {name!r}; choose one of {', '.join(RUN_PRESETS)}")
     train_base, model_base = RUN_PRESETS[name]
     model_fields = {f.name for f in dataclasses.fields(GPTConfig)}
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    train_flags = frozenset(k for k in vars(namespace) if k in {f.name for f in dataclasses.fields(TrainConfig)})
     return RunConfig(
-        train_config=build(TrainConfig, namespace, train_base),
+        train_config=_typed_length_wins(build(TrainConfig, namespace, train_base), train_flags),
         model_config=build(GPTConfig, namespace, model_base),
         model_flags=frozenset(k for k in vars(namespace) if k in model_fields),
-        train_flags=frozenset(k for k in vars(namespace) if k in train_fields),
+        train_flags=train_flags,
         launch_config=build(LaunchConfig, namespace),
     )
+
+
+def _typed_length_wins(cfg: TrainConfig, flags: frozenset[str]) -> TrainConfig:
+    """A --max_steps on the command line beats the --epochs a preset (sft) derives max_steps from."""
+    if {"max_steps", "epochs"} <= flags:
+        raise UserError("--max_steps and --epochs both set the run's length; pass one of them")
+    if "max_steps" in flags and cfg.epochs is not None:
+        return dataclasses.replace(cfg, epochs=None)
+    return cfg

@@ -25,14 +25,15 @@ from jaxgpt.core.errors import UserError
 from jaxgpt.core.sharding import accumulated_batch_sharding
 from jaxgpt.data.pipeline import iterator_state
 from jaxgpt.eval.hellaswag import HellaSwagItem, evaluate_hellaswag, load_hellaswag
-from jaxgpt.eval.loss import evaluate_loss
+from jaxgpt.eval.loss import bits_per_byte, evaluate_loss
 from jaxgpt.model.gpt import GPT
 from jaxgpt.sampling.generate import generate
-from jaxgpt.tokenizer.encoding import EOT_ID, get_tokenizer
 from jaxgpt.train import metrics
 from jaxgpt.train.config import RunConfig, TrainConfig
+from jaxgpt.train.lifecycle import removed_if_left_empty, summary
 from jaxgpt.train.profiling import StepProfiler, parse_profile_steps
 from jaxgpt.train.setup import Run, describe, setup
+from jaxgpt.train.step import Objective
 from jaxgpt.train.tracking import open_trackers
 
 
@@ -50,6 +51,7 @@ def next_batch(run: Run) -> dict[str, jax.Array]:
 
 
 def current_model(run: Run) -> GPT:
+    """The model of the current parameters (no copy: it reads the state's arrays)."""
     return run.codec.to_model(run.state.params)
 
 
@@ -61,22 +63,38 @@ def evaluate(run: Run) -> float:
     return result["val_loss"]
 
 
+def validation(run: Run) -> dict[str, float]:
+    """What an evaluation logs: ``val_loss`` and, for text data, its bits per byte (comparable across
+    tokenizers), or an objective's own metrics on the val split (DPO: its loss and rewards on the first
+    ``eval_iters`` batches of val pairs)."""
+    if run.objective is None:
+        loss = evaluate(run)
+        return {"val_loss": loss, **bits_per_byte(loss, run.config.data_dir)}
+    cfg, args = run.config, (run.codec, run.state.params, run.reference, run.config.data_dir)
+    return run.objective.evaluate(*args, batch_size=cfg.batch_size, max_batches=cfg.eval_iters, mesh=run.mesh)
+
+
 def sample_text(run: Run, num_tokens: int, seed: int) -> str:
     """A sample from end-of-text with the current weights (top-k 200, temperature 0.8, as nanoGPT)."""
     num_tokens = min(num_tokens, run.model_config.block_size - 1)  # the prompt is one token
     key = jax.random.key(seed)
-    start = EOT_ID if run.model_config.vocab_size > EOT_ID else 0  # a small test vocabulary has no EOT
+    eot = run.tokenizer.eot_id
+    start = eot if run.model_config.vocab_size > eot else 0  # a small test vocabulary has no EOT
     model, mesh = current_model(run), run.mesh
-    out = generate(model, [[start]], num_tokens, temperature=0.8, top_k=200, key=key, stop_at_eot=False, mesh=mesh)
-    return get_tokenizer().decode(out[0])
+    out = generate(
+        model, [[start]], num_tokens, temperature=0.8, top_k=200, key=key, stop_at_eot=False, mesh=mesh, eot_id=eot
+    )
+    return run.tokenizer.decode([t for t in out[0] if t < run.tokenizer.vocab_size])  # padded rows are never text
 
 
 def hellaswag_scores(run: Run, items: list[HellaSwagItem]) -> dict[str, float]:
-    scores = evaluate_hellaswag(current_model(run), items, mesh=run.mesh, progress=False)
+    """HellaSwag accuracies of the current weights on ``items``."""
+    scores = evaluate_hellaswag(current_model(run), items, run.tokenizer, mesh=run.mesh, progress=False)
     return {"acc": scores["acc"], "acc_norm": scores["acc_norm"]}
 
 
 def check_finite(run: Run) -> None:
+    """Stops the run with one line if a step's loss or gradient was NaN/Inf (that update was skipped)."""
     bad = int(run.state.first_bad_step)
     if bad >= 0:
         last = run.checkpointer.latest_step()
@@ -88,6 +106,7 @@ def check_finite(run: Run) -> None:
 
 
 def save(run: Run, val_loss: float | None) -> None:
+    """Checkpoints the state, the data position and the configs (asynchronously), never a bad state."""
     check_finite(run)  # never checkpoint a state that went bad
     run.checkpointer.save(
         run.state,
@@ -98,9 +117,11 @@ def save(run: Run, val_loss: float | None) -> None:
 
 
 def format_record(record: dict[str, Any], max_steps: int) -> str:
+    """The log line of a step's record: only the figures it has."""
     parts = [f"step {record['step']:>6}/{max_steps}"]
     formats = {
-        "loss": "loss {:.4f}", "val_loss": "val {:.4f}", "lr": "lr {:.2e}", "grad_norm": "grad {:.3f}",
+        "loss": "loss {:.4f}", "val_loss": "val {:.4f}", "val_bpb": "bpb {:.4f}", "lr": "lr {:.2e}",
+        "grad_norm": "grad {:.3f}",
         "step_ms": "{:.1f} ms", "tokens_per_s": "{:,.0f} tok/s", "mfu": "mfu {:.1%}", "acc_norm": "hellaswag {:.4f}",
     }  # fmt: skip
     parts += [fmt.format(record[key]) for key, fmt in formats.items() if record.get(key) is not None]
@@ -117,9 +138,11 @@ class StepTimer:
         self.reset(step)
 
     def reset(self, step: int) -> None:
+        """Starts timing again from ``step`` (after work that is not training)."""
         self.step, self.start = step, time.perf_counter()
 
     def rates(self, step: int) -> dict[str, float | None]:
+        """Step time, tokens/s and MFU since the last reset."""
         steps, elapsed = step - self.step, time.perf_counter() - self.start
         if steps <= 0:
             return {}
@@ -135,6 +158,8 @@ def due(step: int, interval: int, last: bool) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Hook:
+    """One periodic action of the loop."""
+
     fn: Callable[[int], dict[str, Any] | None]  # step -> what it adds to the step's record
     every: int  # steps between runs; 0: only after the last step
     at_end: bool  # also after the last step
@@ -149,28 +174,31 @@ class Hooks:
         self._hooks: list[Hook] = []
 
     def add_hook(self, fn: Callable[[int], dict[str, Any] | None], *, every: int, at_end: bool = True) -> None:
+        """Runs ``fn(step)`` after every ``every``-th step (0: only at the end) and, with ``at_end``, after the last."""
         self._hooks.append(Hook(fn, every, at_end))
 
     def due(self, step: int, last: bool) -> list[Hook]:
+        """The hooks to run after ``step``, in the order they were added."""
         return [hook for hook in self._hooks if due(step, hook.every, last and hook.at_end)]
 
 
-def train(run_config: RunConfig) -> dict[str, Any]:
+def train(run_config: RunConfig, objective: Objective | None = None) -> dict[str, Any]:
     """Runs (or resumes) training to ``max_steps``; returns the last logged record.
 
     The run directory is locked for the whole run (on process 0), so two runs never share one.
     """
     distributed.initialize(run_config.launch_config)  # before anything touches a device
     out_dir = run_config.train_config.out_dir
-    with RunLock(out_dir) if distributed.is_main_process() else contextlib.nullcontext():
-        return _train(run_config)
+    lock = RunLock(out_dir) if distributed.is_main_process() else contextlib.nullcontext()
+    with removed_if_left_empty(out_dir), lock:  # a run that fails to start leaves no empty folder
+        return _train(run_config, objective)
 
 
 def default_hooks(run: Run, say: Callable[[str], None], trackers: Any) -> Hooks:
     """Evaluation at every ``eval_interval``, a sample (at each evaluation unless ``sample_interval``),
     HellaSwag at every ``hellaswag_interval``."""
     cfg, hooks = run.config, Hooks()
-    hooks.add_hook(lambda step: {"val_loss": evaluate(run)}, every=cfg.eval_interval)
+    hooks.add_hook(lambda step: validation(run), every=cfg.eval_interval)
 
     def print_sample(step: int) -> None:
         if cfg.sample_tokens:
@@ -185,8 +213,9 @@ def default_hooks(run: Run, say: Callable[[str], None], trackers: Any) -> Hooks:
     return hooks
 
 
-def _train(run_config: RunConfig) -> dict[str, Any]:
-    run = setup(run_config)
+def _train(run_config: RunConfig, objective: Objective | None) -> dict[str, Any]:
+    began = time.perf_counter()
+    run = setup(run_config, objective=objective)
     cfg = run.config
     is_main = distributed.is_main_process()
     writer = MetricsWriter(cfg.out_dir, enabled=is_main)
@@ -243,6 +272,9 @@ def _train(run_config: RunConfig) -> dict[str, Any]:
         profiler.stop()
         trackers.close()
         run.checkpointer.close()  # waits for the last asynchronous save: never exit with half a checkpoint
+    if is_main:
+        steps = cfg.max_steps - start
+        print(summary(cfg.out_dir, time.perf_counter() - began, steps, steps * timer.tokens_per_step, run.checkpointer))
     return record
 
 

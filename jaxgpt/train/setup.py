@@ -17,17 +17,20 @@ from jax.sharding import Mesh
 
 from jaxgpt.checkpoints.checkpointer import Checkpointer
 from jaxgpt.checkpoints.loading import load_model
-from jaxgpt.checkpoints.run_dir import make_run_dir, read_run_file, write_run_file
+from jaxgpt.checkpoints.run_dir import make_run_dir, read_run_file, update_run_file, write_run_file
 from jaxgpt.checkpoints.state import TrainState
 from jaxgpt.core import distributed
 from jaxgpt.core.errors import UserError
 from jaxgpt.core.sharding import check_batch_divisible, make_mesh
 from jaxgpt.data.meta import check_dataset
 from jaxgpt.data.pipeline import DataConfig, make_train_iterator, open_examples, restore_iterator
-from jaxgpt.model.config import GPTConfig
-from jaxgpt.model.params import ParamCodec
-from jaxgpt.train.config import SHAPE_FIELDS, RunConfig, TrainConfig
-from jaxgpt.train.step import TrainStep, build_step
+from jaxgpt.model.config import GPTConfig, runtime_fields, shape_fields
+from jaxgpt.model.params import ParamCodec, Params
+from jaxgpt.tokenizer import Tokenizer
+from jaxgpt.train.config import RunConfig, TrainConfig
+from jaxgpt.train.lifecycle import check_not_complete, start_fresh
+from jaxgpt.train.run_tokenizer import run_tokenizer, save_run_tokenizer, with_vocab
+from jaxgpt.train.step import Objective, TrainStep, build_step
 
 
 @dataclasses.dataclass
@@ -36,6 +39,7 @@ class Run:
 
     config: TrainConfig
     model_config: GPTConfig
+    tokenizer: Tokenizer  # the data's: the run folder keeps a copy
     mesh: Mesh
     codec: ParamCodec
     state: TrainState
@@ -45,6 +49,8 @@ class Run:
     checkpointer: Checkpointer
     flops_per_token: float
     resumed_from: int | None
+    objective: Objective | None = None  # None: the next-token loss
+    reference: Params | None = None  # with an objective: the frozen init_from weights, sharded like the params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,14 +63,19 @@ class Start:
     params: dict[str, np.ndarray] | None = None  # pretrained weights (fine-tuning)
 
 
-def setup(run_config: RunConfig, devices: list | None = None) -> Run:
-    """Builds the run; ``devices`` (default: all) is what ``--mesh`` must cover exactly."""
+def setup(run_config: RunConfig, devices: list | None = None, objective: Objective | None = None) -> Run:
+    """Builds the run; ``devices`` (default: all) is what ``--mesh`` must cover exactly. An ``objective``
+    (``jaxgpt.rl``'s DPO) replaces the next-token loss and trains against the frozen ``init_from`` weights."""
     cfg = run_config.train_config
+    if (cfg.objective == "lm") != (objective is None):
+        raise UserError(f"--objective {cfg.objective} needs its objective: run it with train.py")
     mesh = make_mesh(cfg.mesh, devices)
+    if cfg.fresh:
+        start_fresh(cfg.out_dir)
     make_run_dir(cfg.out_dir)
     checkpointer = Checkpointer(cfg.out_dir, keep_last=cfg.keep_checkpoints)
     try:
-        return _build(run_config, mesh, checkpointer)
+        return _build(run_config, mesh, checkpointer, objective)
     except BaseException:
         checkpointer.close()  # a failed setup must not leave Orbax's background threads behind
         raise
@@ -84,15 +95,29 @@ def starting_point(run_config: RunConfig, checkpointer: Checkpointer) -> Start:
     return Start(run_config.model_config, cfg)
 
 
-def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run:
+def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer, objective: Objective | None) -> Run:
     start = starting_point(run_config, checkpointer)
     model_config, cfg = start.model_config, start.train_config
+    resumed, pretrained = start.resume_step is not None, start.params is not None
+    tokenizer = run_tokenizer(cfg.data_dir, cfg.out_dir if resumed else cfg.init_from if pretrained else None)
+    if not resumed and not pretrained:
+        model_config = with_vocab(model_config, tokenizer, "vocab_size" in run_config.model_flags)
     check_dataset(cfg.data_dir, model_config.vocab_size)  # every input checked before anything is compiled
     check_batch_divisible(cfg.batch_size, mesh, "--batch_size")
-    data = DataConfig(cfg.data_dir, model_config.block_size, cfg.batch_size, cfg.seed, cfg.data_workers)
+    data = DataConfig(
+        cfg.data_dir, model_config.block_size, cfg.batch_size, cfg.seed, cfg.data_workers,
+        vocab_size=model_config.vocab_size,
+    )  # fmt: skip
     if cfg.epochs is not None:  # the step count follows from the number of examples
         cfg = cfg.for_examples(len(open_examples(cfg.data_dir, "train", model_config.block_size)))
-    step = build_step(model_config, cfg, mesh)
+    if start.resume_step is not None:
+        check_not_complete(cfg.out_dir, start.resume_step, cfg.max_steps)
+    step = build_step(model_config, cfg, mesh, objective=objective)
+    reference = None
+    if objective is not None:  # the starting weights, also on resume: one frozen copy for the whole run
+        weights = start.params if start.params is not None else _pretrained(run_config)[1]
+        reference = jax.device_put(weights, step.shardings.params)
+        step = step.with_reference(reference)
     resumed_from = None
     if start.resume_step is not None:  # restore into shapes only: nothing is initialised just to be overwritten
         abstract = step.abstract_state(cfg.seed)
@@ -112,9 +137,11 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
         state = step.init_state(params, cfg.seed)
     if distributed.is_main_process():
         write_run_file(cfg.out_dir, model_config, cfg.to_dict())  # as resolved: the next resume reads it
+        update_run_file(cfg.out_dir, tokenizer=save_run_tokenizer(cfg.out_dir, tokenizer))
     return Run(
         config=cfg,
         model_config=model_config,
+        tokenizer=tokenizer,
         mesh=mesh,
         codec=step.codec,
         state=state,
@@ -124,14 +151,16 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer) -> Run
         checkpointer=checkpointer,
         flops_per_token=step.flops_per_token,
         resumed_from=resumed_from,
+        objective=objective,
+        reference=reference,
     )
 
 
 def _pretrained(run_config: RunConfig) -> tuple[GPTConfig, dict[str, np.ndarray]]:
     """Weights to fine-tune from: the checkpoint fixes the shapes, the command line the rest."""
     asked = run_config.model_config
-    keep = ("dropout", "dtype", "pad_vocab_multiple", "attention", "loss", "remat", "param_dtype")
-    pretrained = load_model(run_config.train_config.init_from, **{k: getattr(asked, k) for k in keep})
+    runtime = {k: getattr(asked, k) for k in runtime_fields()}
+    pretrained = load_model(run_config.train_config.init_from, **runtime)
     config = pretrained.config
     params = ParamCodec(config).to_host(pretrained)
     block_size = asked.block_size if "block_size" in run_config.model_flags else config.block_size
@@ -148,7 +177,7 @@ def _resumed_config(run_config: RunConfig) -> GPTConfig:
     """The run's stored model config; shape flags that contradict it are an error, others apply."""
     asked, flags, out_dir = run_config.model_config, run_config.model_flags, run_config.train_config.out_dir
     stored = GPTConfig.from_dict(read_run_file(out_dir)["model"])
-    shape = (*SHAPE_FIELDS, "block_size", "pad_vocab_multiple")
+    shape = shape_fields()
     changed = [f for f in shape if f in flags and getattr(asked, f) != getattr(stored, f)]
     if changed:
         stored_values = ", ".join(f"{f}={getattr(stored, f)}" for f in changed)
@@ -176,6 +205,7 @@ def _resumed_train_config(run_config: RunConfig) -> TrainConfig:
 
 
 def describe(run: Run) -> str:
+    """The run's one-line summary printed before the first step."""
     model, resumed = run.model_config, run.resumed_from
     return (
         f"model: {model.n_layer} layers, {model.n_embd} wide, {model.block_size} context "

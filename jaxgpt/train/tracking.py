@@ -37,9 +37,16 @@ def check_tracker_installed(*, tensorboard: bool, wandb_project: str | None) -> 
 
 
 class Tracker(Protocol):
-    def log(self, step: int, scalars: dict[str, float]) -> None: ...
-    def log_text(self, step: int, tag: str, text: str) -> None: ...
-    def close(self) -> None: ...
+    """What an experiment tracker (TensorBoard, W&B) does for a run: scalars and texts by step, then close."""
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        """The scalars of ``step``."""
+
+    def log_text(self, step: int, tag: str, text: str) -> None:
+        """A text (a sample) under ``tag`` at ``step``."""
+
+    def close(self) -> None:
+        """Writes out what is buffered and ends the tracker's run."""
 
 
 def scalars_of(record: dict[str, Any]) -> dict[str, float]:
@@ -61,15 +68,18 @@ class TensorBoardTracker:
             self.writer.add_text("config", "```\n" + json.dumps(configs, indent=2) + "\n```", 0)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
+        """Each scalar as its own curve, flushed so that TensorBoard shows it at once."""
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, step)
         self.writer.flush()
 
     def log_text(self, step: int, tag: str, text: str) -> None:
+        """``text`` as a code block under ``tag``."""
         self.writer.add_text(tag, "```\n" + text + "\n```", step)  # a code block keeps the sample's line breaks
         self.writer.flush()
 
     def close(self) -> None:
+        """Closes the event file."""
         self.writer.close()
 
 
@@ -89,16 +99,19 @@ class WandbTracker:
         )  # fmt: skip
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
+        """The scalars of ``step``, unless W&B has seen the step already (after a resume)."""
         if step >= self.run.step:  # W&B drops (with a warning) steps it has already seen
             self.run.log(scalars, step=step)
 
     def log_text(self, step: int, tag: str, text: str) -> None:
+        """``text`` as preformatted HTML at ``step``, unless W&B has seen the step already."""
         import wandb
 
         if step >= self.run.step:
             self.run.log({tag: wandb.Html(f"<pre>{text}</pre>")}, step=step)
 
     def close(self) -> None:
+        """Finishes the W&B run."""
         self.run.finish()
 
 
@@ -115,10 +128,12 @@ class Trackers:
             tracker.log(record["step"], scalars)
 
     def log_text(self, step: int, tag: str, text: str) -> None:
+        """The text to every tracker."""
         for tracker in self.trackers:
             tracker.log_text(step, tag, text)
 
     def close(self) -> None:
+        """Closes every tracker."""
         for tracker in self.trackers:
             tracker.close()
 
