@@ -37,8 +37,12 @@ def model() -> GPT:
 
 @pytest.fixture(scope="module")
 def engine(request, model) -> Iterator[Engine]:
-    """A started engine over ``model`` with the test module's ``MAX_BATCH`` slots (default 4)."""
-    engine = new_engine(model, max_batch=getattr(request.module, "MAX_BATCH", 4))
+    """A started engine over ``model`` with the test module's ``MAX_BATCH`` slots (default 4).
+
+    Compiled as requests come unless the module sets ``WARMUP = True`` (compiling every bucket first
+    costs more than the few a module's requests need).
+    """
+    engine = new_engine(model, getattr(request.module, "MAX_BATCH", 4), warmup=getattr(request.module, "WARMUP", False))
     yield engine
     engine.stop(10)
 
@@ -49,8 +53,8 @@ def url(engine) -> Iterator[str]:
         yield url
 
 
-def new_engine(model: GPT, max_batch: int = 4, max_queue: int = 64) -> Engine:
-    return Engine(model, load_tokenizer(), max_batch=max_batch, max_queue=max_queue, max_len=MAX_LEN).start()
+def new_engine(model: GPT, max_batch: int = 4, max_queue: int = 64, warmup: bool = False) -> Engine:
+    return Engine(model, load_tokenizer(), max_batch=max_batch, max_queue=max_queue, max_len=MAX_LEN).start(warmup)
 
 
 def live_server(engine: Engine, api_key: str | None = None):

@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from jaxgpt.checkpoints.loading import load_model
     from jaxgpt.core.sharding import make_mesh, shard_model
-    from jaxgpt.serve.app import create_app
+    from jaxgpt.serve.app import create_app, uvicorn_config
     from jaxgpt.serve.engine import Engine
     from jaxgpt.tokenizer import tokenizer_of
 
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     engine.start(config.warmup)
     name = config.served_model_name or config.init_from
     app = create_app(engine, name, config.init_from, config.api_key)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, config.host, config.port))
     print(
         f"serving {name} on http://{config.host}:{config.port} ({config.max_batch} slots)", file=sys.stderr, flush=True
     )

@@ -27,6 +27,8 @@ from jaxgpt.serve.engine import Engine, GenerationRequest, QueueFullError, Token
 
 MAX_BODY_BYTES = 1 << 20  # 413 past this
 RETRY_AFTER_S = 1
+# Longer than clients keep idle connections (httpx: 5 s), so a client never reuses one the server just closed.
+KEEP_ALIVE_S = 30
 PAGE = Path(__file__).with_name("static") / "chat.html"
 OPEN_PATHS = ("/health", "/")  # without --api_key's bearer token: the page itself holds no data
 
@@ -311,12 +313,18 @@ def stream_response(events: AsyncIterator[str], choices: Choices) -> StreamingRe
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+def uvicorn_config(app: FastAPI, host: str, port: int):
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S)
+
+
 @contextlib.contextmanager
 def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     """uvicorn serving ``app`` on a thread (port 0: a free one) for tests and benchmarks; yields the base URL."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, host, port))
     thread = threading.Thread(target=server.run, name="jaxgpt-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

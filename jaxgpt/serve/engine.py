@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxgpt.core.errors import UserError
-from jaxgpt.core.sharding import data_axis_size, kv_cache_sharding
+from jaxgpt.core.sharding import data_axis_size, kv_cache_sharding, replicated
 from jaxgpt.model.decoding import init_cache
 from jaxgpt.model.gpt import GPT
 from jaxgpt.sampling.generate import bucket_cache_len, bucket_prompt_len
@@ -101,11 +101,17 @@ class Engine:
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
         self.leaves, self.fns = model_leaves(model)
         self.buckets = sorted({min(bucket_prompt_len(n), self.max_len) for n in range(1, self.max_len)})
+        # A step runs the first k slots, k a power of two (or all of them): a lone request decodes as a batch of 1.
+        self.row_buckets = (
+            [max_batch]
+            if mesh is not None
+            else sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
+        )
         cache_len = bucket_cache_len(self.max_len)
         sharding = None if mesh is None else kv_cache_sharding(mesh, config.n_head)
         shapes = jax.eval_shape(lambda: init_cache(config, max_batch, cache_len))
         self.cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=sharding), shapes)
-        self.tokens = jnp.zeros(max_batch, jnp.int32)
+        self.tokens = jnp.zeros(max_batch, jnp.int32, device=None if mesh is None else replicated(mesh))
         self.index = np.zeros(max_batch, np.int32)  # each row's next slot (= position)
         self.rules = RowRules(
             np.zeros(max_batch, np.float32), np.zeros(max_batch, np.int32), np.ones(max_batch, np.float32),
@@ -175,7 +181,7 @@ class Engine:
             return {"running": busy, "waiting": len(self.waiting), "free_slots": self.max_batch - busy}
 
     def compilations(self) -> dict[str, int]:
-        """Executables held by each compiled function: one per prefill bucket, one decode step."""
+        """Executables held by each compiled function: one per prefill bucket, one decode step per row bucket."""
         return {name: fn._cache_size() for name, fn in self.fns._asdict().items()}
 
     # ------------------------------------------------------------------ the engine's thread
@@ -184,7 +190,8 @@ class Engine:
         """Compiles the decode step and every prefill bucket before the first request waits on them."""
         for p in self.buckets:
             self._prefill(0, np.zeros(p, np.int32), p)
-        self._step()
+        for rows in self.row_buckets:
+            self._step(np.zeros(rows, bool))
         jax.block_until_ready(self.tokens)
 
     def _run(self) -> None:
@@ -207,8 +214,10 @@ class Engine:
                 runnable = [t is not None and t.dispatched < t.request.max_tokens for t in self.slots]
                 newest = 0
                 if any(runnable):
-                    rows = [t if run else None for t, run in zip(self.slots, runnable, strict=True)]
-                    inflight.append((self._step(np.array(runnable)), rows))
+                    last = max(i for i, run in enumerate(runnable) if run)
+                    k = next(b for b in self.row_buckets if b > last)
+                    rows = [t if run else None for t, run in zip(self.slots[:k], runnable[:k], strict=True)]
+                    inflight.append((self._step(np.array(runnable[:k])), rows))
                     newest = 1
                 while len(inflight) > newest:  # read what is done while the newest step runs
                     self._read(*inflight.popleft())
@@ -255,15 +264,16 @@ class Engine:
         )
         return picked
 
-    def _step(self, runnable: np.ndarray | None = None) -> Picked:
+    def _step(self, runnable: np.ndarray) -> Picked:
+        """A decode step over the first ``len(runnable)`` slots; the runnable ones advance."""
         rules = self.rules._replace(count=self.rules.count.copy())
-        self.cache, self.tokens, picked = self.fns.step(self.leaves, self.cache, self.tokens, self.index.copy(), rules)
-        if runnable is not None:
-            for slot in np.flatnonzero(runnable):
-                ticket = self.slots[slot]
-                ticket.dispatched += 1
-                self.index[slot] += 1
-                self.rules.count[slot] += 1
+        self.cache, self.tokens, picked = self.fns.step(
+            self.leaves, self.cache, self.tokens, self.index.copy(), rules, rows=len(runnable)
+        )
+        for slot in np.flatnonzero(runnable):
+            self.slots[slot].dispatched += 1
+            self.index[slot] += 1
+            self.rules.count[slot] += 1
         return picked
 
     def _read(self, picked: Picked, rows: list[Ticket | None]) -> None:
