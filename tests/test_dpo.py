@@ -206,7 +206,7 @@ def test_training_starts_at_the_reference_and_meshes_agree(
         run.checkpointer.close()
         records = []
         for _ in range(3):
-            run.state, metrics = run.step_fn(run.state, next_batch(run))
+            run.state, metrics = run.step.fn(run.state, next_batch(run))
             records.append({k: float(v) for k, v in metrics.items()})
         return records
 

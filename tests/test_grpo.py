@@ -34,7 +34,7 @@ def vowel_share(record: dict, completion: str) -> float:
     return sum(c in "aeiou" for c in completion) / max(len(completion), 1)
 
 
-def test_exact_match_reads_gsm8k_answers(tmp_path: Path, monkeypatch) -> None:
+def test_exact_match_reads_gsm8k_answers(tmp_path: Path) -> None:
     assert rewards.final_number("so 12 + 3 = 15\n#### 15") == "15"
     assert rewards.exact_match(GSM8K_ROWS[1], "200 sold leaves 1000. #### 1000") == 1.0
     assert rewards.exact_match(GSM8K_ROWS[0], "I think 7 or maybe 8") == 0.0  # the last number counts without ####
@@ -42,10 +42,13 @@ def test_exact_match_reads_gsm8k_answers(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "gsm8k.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in GSM8K_ROWS))
     assert rewards.read_prompts(str(path)) == GSM8K_ROWS
-    monkeypatch.setattr(
-        rewards.sources, "hub_rows", lambda repo, subset, split: iter(GSM8K_ROWS if split == "test" else GSM8K_ROWS * 2)
-    )
-    train, held_out = prompt_sets(GRPOConfig(dataset="gsm8k", prompts_per_step=2))  # fmt: skip
+    import pandas as pd  # GSM8K's hub files are parquet: one per split
+
+    for split, rows in (("train", GSM8K_ROWS * 2), ("test", GSM8K_ROWS)):
+        pd.DataFrame(rows).to_parquet(tmp_path / f"{split}-00000-of-00001.parquet")
+    files = dict(data_files=str(tmp_path / "train-00000-of-00001.parquet"))
+    files["eval_data_files"] = str(tmp_path / "test-00000-of-00001.parquet")
+    train, held_out = prompt_sets(GRPOConfig(dataset="gsm8k", prompts_per_step=2, **files))
     assert len(train) == 4 and held_out == GSM8K_ROWS
     assert rewards.load_reward("tests.test_grpo:vowel_share")({}, "ab") == 0.5
     (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\n')
@@ -112,13 +115,23 @@ def test_a_tiny_run_learns_its_reward_and_resumes(tmp_path: Path) -> None:
         eval_prompts=str(prompts),
         reward="tests.test_grpo:vowel_share",
     )
-    args.update(group_size=8, prompts_per_step=4, max_new_tokens=8, lr=3e-2, kl_coef=0.05, top_k=10, eval_interval=0)
+    args.update(
+        group_size=8,
+        prompts_per_step=4,
+        max_new_tokens=8,
+        lr=3e-2,
+        min_lr=3e-2,
+        kl_coef=0.05,
+        top_k=10,
+        eval_interval=0,
+    )
     run_grpo(GRPOConfig(**args, out_dir=str(tmp_path / "run"), max_steps=16, save_interval=8))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     rewards_by_step = [r["reward"] for r in records if "reward" in r]
     assert np.mean(rewards_by_step[-4:]) > np.mean(rewards_by_step[:4]) + 0.08, rewards_by_step
     assert records[0]["step"] == 0 and "pass@1" in records[0] and records[-1]["kl"] > 0
-    # stopped at step 8 and resumed: the same prompts, samples and updates as the run that never stopped
+    # stopped at step 8 and resumed (a flat learning rate, as the first part is its own 8-step run): the same
+    # prompts, samples and updates as the run that never stopped
     run_grpo(GRPOConfig(**args, out_dir=str(tmp_path / "resumed"), max_steps=8, save_interval=8))
     resumed = run_grpo(GRPOConfig(**args, out_dir=str(tmp_path / "resumed"), max_steps=16, save_interval=8))
     for name in ("loss", "reward", "kl", "grad_norm", "completion_length"):

@@ -45,6 +45,8 @@ class GRPOConfig:
     dataset: Literal["gsm8k"] | None = option(
         None, "train on a hub dataset instead of --prompts (gsm8k: its train split)"
     )
+    data_files: str | None = option(None, "with --dataset: a local copy of its train split's hub files (parquet/json)")
+    eval_data_files: str | None = option(None, "with --dataset: a local copy of its test split's hub files")
     eval_prompts: str | None = option(
         None, "held-out JSON lines for pass@1 (default with --dataset gsm8k: its test split)"
     )
@@ -96,8 +98,12 @@ class GRPOConfig:
 
 def prompt_sets(cfg: GRPOConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     if cfg.dataset is not None:
-        train = hub_prompts(cfg.dataset, "train")
-        held_out = read_prompts(cfg.eval_prompts) if cfg.eval_prompts else hub_prompts(cfg.dataset, "test")
+        train = hub_prompts(cfg.dataset, "train", cfg.data_files)
+        held_out = (
+            read_prompts(cfg.eval_prompts)
+            if cfg.eval_prompts
+            else hub_prompts(cfg.dataset, "test", cfg.eval_data_files)
+        )
     else:
         train = read_prompts(cfg.prompts)  # type: ignore[arg-type]
         held_out = read_prompts(cfg.eval_prompts) if cfg.eval_prompts else []

@@ -96,8 +96,10 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
     return records
 
 
-def hub_prompts(dataset: str, split: str) -> list[dict[str, Any]]:
-    """GSM8K's train or test rows from the Hugging Face hub (needs ``datasets`` and the network)."""
+def hub_prompts(dataset: str, split: str, data_files: str | None = None) -> list[dict[str, Any]]:
+    """GSM8K's train or test rows from the Hugging Face hub (needs ``datasets`` and the network), or from
+    ``data_files``, a local copy of that split's files as on the hub (``sources.hub_rows``)."""
     assert dataset == "gsm8k", dataset
     repo, subset = GSM8K
-    return [check_record(row, f"{repo} row {i}") for i, row in enumerate(sources.hub_rows(repo, subset, split), 1)]
+    rows = sources.hub_rows(repo, subset, split, data_files)
+    return [check_record(row, f"{repo} row {i}") for i, row in enumerate(rows, 1)]

@@ -1,0 +1,100 @@
+"""Learning from feedback on this CPU: DPO teaches an SFT'd model a property its SFT data lacks.
+
+python bench/bench_rl.py [--work DIR]
+
+A small model is SFT'd from scratch on synthetic sums ("Add 12 and 7." -> "The sum is 19.");
+then DPO on pairs of the same prompts where the chosen reply adds a sign-off (" Cheers!") and the
+rejected one is the plain SFT reply. Printed: the share of greedy replies to held-out prompts that
+end with the sign-off before and after DPO, and the SFT validation loss before and after (what DPO
+costs the SFT behaviour). Each stage runs the real command lines (prepare, train.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = 32
+MODEL = ["--n_layer", "2", "--n_head", "4", "--n_embd", "64", "--block_size", str(BLOCK), "--dropout", "0"]
+SIGN_OFF = " Cheers!"
+
+
+def problems(n: int, seed: int) -> list[tuple[str, str]]:
+    rng = np.random.default_rng(seed)
+    pairs = rng.integers(10, 100, size=(n, 2))
+    return [(f"Add {a} and {b}.", f"The sum is {a + b}.") for a, b in pairs.tolist()]
+
+
+def signed_off(record: dict, completion: str) -> float:
+    return float(completion.rstrip().endswith(SIGN_OFF.strip()))
+
+
+def sh(*args: str) -> float:
+    began = time.perf_counter()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    subprocess.run([sys.executable, *args], cwd=ROOT, env=env, check=True)
+    return time.perf_counter() - began
+
+
+def write_jsonl(path: Path, lines: list[dict]) -> str:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return str(path)
+
+
+def measure(run_dir: Path, held_out: list[dict], sft_data: Path) -> dict[str, float]:
+    from jaxgpt.checkpoints.loading import load_model
+    from jaxgpt.eval.loss import evaluate_loss
+    from jaxgpt.rl.grpo import pass_at_1
+
+    model = load_model(str(run_dir))
+    share = pass_at_1(model, held_out, signed_off, max_new_tokens=12, batch_size=len(held_out))
+    loss = evaluate_loss(model, sft_data, batch_size=16)["val_loss"]
+    return {"sign_off_share": share, "sft_val_loss": loss}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="out/bench_rl")
+    parser.add_argument("--sft_epochs", type=float, default=30)
+    parser.add_argument("--dpo_epochs", type=float, default=2)
+    args = parser.parse_args()
+    work = (ROOT / args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    train, held_out = problems(200, seed=0), problems(50, seed=1)
+    sft_lines = [{"prompt": q, "response": a} for q, a in train]
+    sft_file = write_jsonl(work / "sft.jsonl", sft_lines)
+    dpo_file = write_jsonl(
+        work / "pairs.jsonl", [{"prompt": q, "chosen": a + SIGN_OFF, "rejected": a} for q, a in train]
+    )
+    prepare = ["-m", "jaxgpt.data.prepare", "--num_proc", "1", "--block_size", str(BLOCK), "--val_fraction", "0.1"]
+    sh(*prepare, "--input", sft_file, "--format", "chat", "--out_dir", str(work / "data_sft"))
+    sh(*prepare, "--input", dpo_file, "--format", "preference", "--out_dir", str(work / "data_dpo"))
+    common = ["--batch_size", "16", "--eval_interval", "0", "--eval_iters", "1", "--log_interval", "20", "--fresh"]
+    sft_s = sh("train.py", "--preset", "sft", "--init_from", "scratch", *MODEL, "--data_dir", str(work / "data_sft"),
+               "--out_dir", str(work / "sft"), "--epochs", str(args.sft_epochs), "--lr", "3e-3", "--min_lr", "3e-4",
+               "--warmup_steps", "10", *common)  # fmt: skip
+    records = [{"prompt": q, "answer": 0} for q, _ in held_out]
+    before = measure(work / "sft", records, work / "data_sft")
+    dpo_s = sh("train.py", "--preset", "dpo", "--init_from", str(work / "sft"), "--data_dir", str(work / "data_dpo"),
+               "--out_dir", str(work / "dpo"), "--epochs", str(args.dpo_epochs), "--lr", "1e-3", *common)  # fmt: skip
+    after = measure(work / "dpo", records, work / "data_sft")
+    print("| stage | wall s | greedy replies with the sign-off | SFT val loss |\n| --- | --- | --- | --- |")
+    for stage, seconds, m in (
+        (f"SFT ({args.sft_epochs:g} epochs)", sft_s, before),
+        (f"+ DPO ({args.dpo_epochs:g} epochs)", dpo_s, after),
+    ):
+        print(f"| {stage} | {seconds:.0f} | {m['sign_off_share']:.0%} | {m['sft_val_loss']:.4f} |")
+    rise = after["sft_val_loss"] / before["sft_val_loss"] - 1
+    print(f"SFT val loss change: {rise:+.1%} ({len(held_out)} held-out prompts)")
+
+
+if __name__ == "__main__":
+    main()
