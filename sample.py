@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import jax
 
 from jaxgpt.chat.repl import USER_PROMPT, chat
-from jaxgpt.checkpoints.loading import load_sharded, newest_run
+from jaxgpt.checkpoints.loading import load_sharded, resolve_init_from
 from jaxgpt.core import distributed
 from jaxgpt.core.cli import build, parser_for, run
 from jaxgpt.core.distributed import LaunchConfig
@@ -35,10 +35,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     config, launch = build(SampleConfig, namespace), build(LaunchConfig, namespace)
     if launch.enabled and (config.interactive or config.chat):
         raise UserError("--interactive and --chat read this process's stdin; a multi-process run needs --prompt")
-    init_from = config.init_from
-    if init_from is None:
-        init_from = str(newest_run())
-        print(f"sampling from {init_from}, the newest run under out/ (--init_from picks another)", file=sys.stderr)
+    init_from = resolve_init_from(config.init_from)
     tokenizer = tokenizer_of(init_from)  # the one the run (or exported model) carries; else GPT-2's
     distributed.initialize(launch)
     out = sys.stdout if distributed.is_main_process() else io.StringIO()  # every process samples, one prints

@@ -42,6 +42,7 @@ SKIPPED = {  # regular expression searched in a command -> why it is not run her
     r"^srun |--coordinator_address 10\.": "a cluster",
     r"bench\.bench_recipes": "long: 500-step recipe comparisons (20+ minutes)",
     r"my_corpus/": "a placeholder for the reader's own corpus folder",
+    r"out/shakespeare-gpt2\b": "long: the 500-step shakespeare-gpt2 run (GPT-2's architecture, which HF export needs)",
 }
 
 

@@ -16,7 +16,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from jaxgpt.checkpoints.loading import LoadConfig, load_sharded
+from jaxgpt.checkpoints.loading import LoadConfig, load_sharded, resolve_init_from
 from jaxgpt.core import distributed
 from jaxgpt.core.cli import build, parser_for, run
 from jaxgpt.core.distributed import LaunchConfig
@@ -74,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError(f"--results {args.results}: directory {Path(args.results).parent} does not exist")
 
     # Check every input before the (slow) model load.
+    args = dataclasses.replace(args, init_from=resolve_init_from(args.init_from))
     tokenizer = tokenizer_of(args.init_from)  # the one the run (or exported model) carries; else GPT-2's
     if args.val_data is not None:
         list_shards(args.val_data, "val")

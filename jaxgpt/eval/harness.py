@@ -34,7 +34,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from jaxgpt.checkpoints.loading import LoadConfig, load_sharded
+from jaxgpt.checkpoints.loading import LoadConfig, load_sharded, resolve_init_from
 from jaxgpt.core.cli import build, parser_for, run
 from jaxgpt.core.errors import UserError
 from jaxgpt.core.options import option
@@ -218,6 +218,7 @@ def lm_eval_argv(config: HarnessConfig, rest: Sequence[str]) -> list[str]:
     clash = [flag for flag in rest if flag.split("=")[0] in LM_EVAL_OWN_FLAGS]
     if clash:
         raise UserError(f"{clash[0]}: the model is jaxgpt, set by --init_from, --dtype, --mesh and --max_gen_toks")
+    config = dataclasses.replace(config, init_from=resolve_init_from(config.init_from))
     if "," in config.init_from:
         raise UserError(f"--init_from {config.init_from}: lm-eval's model_args cannot hold a path with a comma")
     model_args = f"init_from={config.init_from},dtype={config.dtype},max_gen_toks={config.max_gen_toks}"

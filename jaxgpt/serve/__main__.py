@@ -24,7 +24,9 @@ from jaxgpt.model.config import DType
 class ServeConfig:
     """Serve a jaxgpt model over vLLM's OpenAI-compatible API, with a chat page at /."""
 
-    init_from: str = option("gpt2", "a training out_dir, a Hugging Face GPT-2 directory, or a hub id (online)")
+    init_from: str | None = option(
+        None, "a training out_dir, a Hugging Face GPT-2 directory, or a hub id (default: the newest run under out/)"
+    )
     host: str = option("127.0.0.1", "address to listen on (the default: this machine only)")
     port: int = option(8000, "port to listen on")
     mesh: str | None = option(None, "device mesh DxM (data x model), e.g. 4x2; none: one device")
@@ -49,12 +51,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = parse(ServeConfig, argv, prog="python -m jaxgpt.serve")
     import uvicorn
 
-    from jaxgpt.checkpoints.loading import load_model
+    from jaxgpt.checkpoints.loading import load_model, resolve_init_from
     from jaxgpt.core.sharding import make_mesh, shard_model
     from jaxgpt.serve.app import create_app, uvicorn_config
     from jaxgpt.serve.engine import Engine
     from jaxgpt.tokenizer import tokenizer_of
 
+    config = dataclasses.replace(config, init_from=resolve_init_from(config.init_from))
     mesh = make_mesh(config.mesh) if config.mesh else None
     model = load_model(config.init_from, dtype=config.dtype)
     if mesh is not None:
