@@ -19,14 +19,14 @@ from collections.abc import Sequence
 import jax
 
 from jaxgpt.chat.repl import USER_PROMPT, chat
-from jaxgpt.checkpoints.loading import load_sharded, newest_run
+from jaxgpt.checkpoints.loading import load_sharded, resolve_init_from
 from jaxgpt.core import distributed
 from jaxgpt.core.cli import build, parser_for, run
 from jaxgpt.core.distributed import LaunchConfig
 from jaxgpt.core.errors import UserError
 from jaxgpt.sampling.config import SampleConfig
 from jaxgpt.sampling.text import DEFAULT_NEW_TOKENS, PROMPT, input_lines, sample_prompt
-from jaxgpt.tokenizer.encoding import get_tokenizer
+from jaxgpt.tokenizer import tokenizer_of
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -35,20 +35,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     config, launch = build(SampleConfig, namespace), build(LaunchConfig, namespace)
     if launch.enabled and (config.interactive or config.chat):
         raise UserError("--interactive and --chat read this process's stdin; a multi-process run needs --prompt")
-    tokenizer = get_tokenizer()
+    init_from = resolve_init_from(config.init_from)
+    tokenizer = tokenizer_of(init_from)  # the one the run (or exported model) carries; else GPT-2's
     distributed.initialize(launch)
     out = sys.stdout if distributed.is_main_process() else io.StringIO()  # every process samples, one prints
-    init_from = config.init_from
-    if init_from is None:
-        init_from = str(newest_run())
-        print(f"sampling from {init_from}, the newest run under out/ (--init_from picks another)", file=sys.stderr)
     model, mesh = load_sharded(init_from, config.mesh, dtype=config.dtype)
     key = jax.random.key(config.seed)
     if config.chat:
         sampling = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, mesh=mesh)
         lines = input_lines(sys.stdin, USER_PROMPT, skip_blank=True)
         max_new_tokens = config.max_new_tokens or min(DEFAULT_NEW_TOKENS, model.config.block_size // 2)
-        chat(model, lines, system=config.system, max_new_tokens=max_new_tokens, key=key, **sampling)
+        chat(
+            model, lines, tokenizer=tokenizer, system=config.system, max_new_tokens=max_new_tokens, key=key, **sampling
+        )
         return
     prompts = input_lines(sys.stdin, PROMPT) if config.interactive else [config.prompt]
     for i, prompt in enumerate(prompts):

@@ -22,6 +22,7 @@ from jaxgpt.core.sharding import make_mesh, shard_model
 from jaxgpt.eval.hellaswag import HellaSwagItem, render, score_endings
 from jaxgpt.model.config import DType, preset
 from jaxgpt.model.gpt import GPT
+from jaxgpt.tokenizer import load_tokenizer
 
 # Common words that GPT-2's tokenizer keeps whole (with their leading space): one token each.
 WORDS = (
@@ -61,15 +62,15 @@ def main(argv=None) -> None:
     model = shard_model(GPT(preset("gpt2", dtype=args.dtype), nnx.Rngs(args.seed)), mesh)
     items = synthetic_items(args.items + args.batch_size, args.seed)
     warmup, items = items[: args.batch_size], items[args.batch_size :]
-    rows = [row for rows in render(items, model.config.block_size) for row in rows]
+    rows = [row for rows in render(items, model.config.block_size, load_tokenizer()) for row in rows]
     ctx_lengths = [len(r) - n for r, n in rows]
     ending_lengths = [n for _, n in rows]
 
     start = time.perf_counter()
-    score_endings(model, warmup, batch_size=args.batch_size, mesh=mesh)
+    score_endings(model, warmup, load_tokenizer(), batch_size=args.batch_size, mesh=mesh)
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    score_endings(model, items, batch_size=args.batch_size, mesh=mesh)
+    score_endings(model, items, load_tokenizer(), batch_size=args.batch_size, mesh=mesh)
     seconds = time.perf_counter() - start
 
     device = jax.devices()[0]

@@ -1,6 +1,6 @@
 """GPT-2's recipe against the modern one (Muon, rotary, QK-norm, ReLU², untied head...), side by side.
 
-    python -m bench.bench_recipes                          # shakespeare vs shakespeare-modern, 500 steps each
+    python -m bench.bench_recipes                          # shakespeare-gpt2 vs shakespeare-modern, 500 steps
     python -m bench.bench_recipes --ablations --steps 120  # leave-one-out: which options carry the gain
 
 Both recipes train from the same seed on the same batches (same batch size and context, so the
@@ -25,7 +25,7 @@ from jaxgpt.train.config import RUN_PRESETS, parse_run_config
 from jaxgpt.train.loop import evaluate, next_batch
 from jaxgpt.train.setup import setup
 
-BASELINE, MODERN = "shakespeare", "shakespeare-modern"
+BASELINE, MODERN = "shakespeare-gpt2", "shakespeare-modern"  # both GPT-2's tokenizer
 
 # Leave-one-out ablations of the modern recipe: (name, train flags, model fields set back to GPT-2's).
 ABLATIONS: list[tuple[str, dict, dict]] = [
@@ -142,7 +142,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=500, help="optimizer steps per recipe (default: 500)")
     parser.add_argument("--eval_interval", type=int, default=25, help="evaluate every N steps (default: 25)")
-    parser.add_argument("--data_dir", default="data/shakespeare", help="token shards (default: data/shakespeare)")
+    parser.add_argument(
+        "--data_dir", default="data/shakespeare-gpt2", help="GPT-2 token shards (prepare --tokenizer gpt2)"
+    )
     parser.add_argument("--png", default="docs/recipes.png", help="curve plot (default: docs/recipes.png)")
     parser.add_argument("--ablations", action="store_true", help="leave-one-out runs of the modern recipe instead")
     parser.add_argument("train_flags", nargs="*", help="train.py flags for every run, after --")

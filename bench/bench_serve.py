@@ -36,6 +36,7 @@ from jaxgpt.model.gpt import GPT
 from jaxgpt.sampling.generate import generate
 from jaxgpt.serve.app import create_app, serve_in_thread
 from jaxgpt.serve.engine import Engine
+from jaxgpt.tokenizer import load_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +84,14 @@ async def client_run(url: str, prompts: np.ndarray, new_tokens: int, clients: in
     return dict(tokens_per_s=tokens / seconds, ttft=percentiles(ttft), itl=percentiles(itl), seconds=seconds)
 
 
+class _Rows(dict):
+    """The results, each printed as it is measured (a long run on a busy machine shows what it has)."""
+
+    def __setitem__(self, name: str, row: dict) -> None:
+        super().__setitem__(name, row)
+        print(name, {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+
+
 def main(argv=None) -> None:
     args = parse(BenchServeConfig, argv, prog="python -m bench.bench_serve")
     model = GPT(preset("gpt2", dtype=args.dtype), nnx.Rngs(args.seed))
@@ -92,13 +101,18 @@ def main(argv=None) -> None:
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, load {os.getloadavg()[0]:.1f}")  # fmt: skip
     start = time.perf_counter()
     engine = Engine(
-        model, max_batch=args.clients, max_queue=4 * args.clients, max_len=args.prompt_len + args.new_tokens
+        model,
+        load_tokenizer(),
+        max_batch=args.clients,
+        max_queue=4 * args.clients,
+        max_len=args.prompt_len + args.new_tokens,
     )
     engine.start()
-    print(f"engine warm-up (compiles {len(engine.buckets)} prefills and the step): {time.perf_counter() - start:.1f} s")
-    rows = {}
+    warmup = time.perf_counter() - start
+    print(f"engine warm-up ({len(engine.buckets)} prefills, {len(engine.row_buckets)} steps compiled): {warmup:.1f} s")
+    rows = _Rows()
     with serve_in_thread(create_app(engine, "gpt2-random", "random")) as url:
-        asyncio.run(client_run(url, prompts[:1], 4, 1))  # warm the HTTP path
+        asyncio.run(client_run(url, prompts[:1], args.new_tokens, 1))  # warm the HTTP path
         rows["served"] = asyncio.run(client_run(url, prompts, args.new_tokens, args.clients))
         rows["served, 1 client"] = asyncio.run(client_run(url, prompts[:2], args.new_tokens, 1))
     engine.stop()
@@ -120,7 +134,7 @@ def main(argv=None) -> None:
     print(f"\nload {os.getloadavg()[0]:.1f}\n")
     print("| server | aggregate tokens/s | vs naive | TTFT p50 / p99 ms | ITL p50 / p99 ms |")
     print("|---|---:|---:|---:|---:|")
-    for name, r in rows.items():
+    for name, r in dict(rows).items():
         print(f"| {name} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / naive:.2f}x | {r.get('ttft', '-')} | "
               f"{r.get('itl', '-')} |")  # fmt: skip
 

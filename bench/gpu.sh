@@ -47,7 +47,7 @@ section() { echo -e "\n## $1\n" | tee -a "$REPORT"; }
 bench() { "$@" 2>&1 | grep -E '^\||GFLOP|tokens/s|items/s' | tee -a "$REPORT"; }
 
 if $TINY; then
-  TRAIN=(--n_layer 2 --n_head 2 --n_embd 64 --block_size 64 --steps 2)
+  TRAIN=(--preset shakespeare-gpt2 --n_layer 2 --n_head 2 --n_embd 64 --block_size 64 --steps 2)  # GPT-2 architecture: every loss applies
   BATCHES=(4 8); ATTENTION=(xla); LOSSES=(fused plain); TEST_PLATFORM=cpu; TESTS=(tests/test_fused_loss.py)
   SAMPLE=(--batch_sizes 1,2 --prompt_len 8 --new_tokens 8 --repeats 1 --hf false)
   EVAL=(--items 4 --batch_size 2)

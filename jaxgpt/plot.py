@@ -1,4 +1,4 @@
-"""Draws a run's loss and learning-rate curves from its metrics.jsonl.
+"""Draws a run's loss, learning-rate and (where recorded) bits-per-byte curves from its metrics.jsonl.
 
 Usage: ``python -m jaxgpt.plot out/shakespeare`` writes out/shakespeare/curves.png.
 """
@@ -11,12 +11,14 @@ from pathlib import Path
 from jaxgpt.checkpoints.run_dir import read_metrics
 from jaxgpt.core.cli import ArgumentParser, run
 
+EXTRA_PANELS = (("val_bpb", "val bits per byte"), ("acc_norm", "HellaSwag"))  # drawn when the run logged them
+
 
 def read_series(out_dir: str | Path) -> dict[str, tuple[list[int], list[float]]]:
-    """``{key: (steps, values)}`` for loss, val_loss, lr and acc_norm, skipping records without the key."""
+    """``{key: (steps, values)}`` for loss, val_loss, lr, val_bpb and acc_norm, skipping records without the key."""
     series: dict[str, tuple[list[int], list[float]]] = {}
     for record in read_metrics(out_dir):
-        for key in ("loss", "val_loss", "lr", "acc_norm"):
+        for key in ("loss", "val_loss", "lr", "val_bpb", "acc_norm"):
             if record.get(key) is not None:
                 steps, values = series.setdefault(key, ([], []))
                 steps.append(record["step"])
@@ -33,7 +35,8 @@ def plot(out_dir: str | Path, output: str | Path | None = None) -> Path:
 
     out_dir = Path(out_dir)
     series = read_series(out_dir)
-    panels = 3 if "acc_norm" in series else 2
+    extra = [(key, title) for key, title in EXTRA_PANELS if key in series]
+    panels = 2 + len(extra)
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
     for key, label in (("loss", "train"), ("val_loss", "val")):
         if key in series:
@@ -43,9 +46,9 @@ def plot(out_dir: str | Path, output: str | Path | None = None) -> Path:
     if "lr" in series:
         axes[1].plot(*series["lr"])
     axes[1].set(xlabel="step", ylabel="learning rate", title="learning rate")
-    if panels == 3:
-        axes[2].plot(*series["acc_norm"], marker="o")
-        axes[2].set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
+    for axis, (key, title) in zip(axes[2:], extra, strict=True):
+        axis.plot(*series[key], marker="o")
+        axis.set(xlabel="step", ylabel=key, title=title)
     fig.tight_layout()
     path = Path(output) if output else out_dir / "curves.png"
     fig.savefig(path, dpi=100)

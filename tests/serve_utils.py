@@ -16,6 +16,7 @@ from jaxgpt.model.config import GPTConfig
 from jaxgpt.model.gpt import GPT
 from jaxgpt.serve.app import create_app, serve_in_thread
 from jaxgpt.serve.engine import Engine
+from jaxgpt.tokenizer import load_tokenizer
 
 CONFIG = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128)
 MAX_LEN = 64  # prompt + completion: prompt buckets 16, 32, 64
@@ -36,8 +37,12 @@ def model() -> GPT:
 
 @pytest.fixture(scope="module")
 def engine(request, model) -> Iterator[Engine]:
-    """A started engine over ``model`` with the test module's ``MAX_BATCH`` slots (default 4)."""
-    engine = new_engine(model, max_batch=getattr(request.module, "MAX_BATCH", 4))
+    """A started engine over ``model`` with the test module's ``MAX_BATCH`` slots (default 4).
+
+    Compiled as requests come unless the module sets ``WARMUP = True`` (compiling every bucket first
+    costs more than the few a module's requests need).
+    """
+    engine = new_engine(model, getattr(request.module, "MAX_BATCH", 4), warmup=getattr(request.module, "WARMUP", False))
     yield engine
     engine.stop(10)
 
@@ -48,8 +53,8 @@ def url(engine) -> Iterator[str]:
         yield url
 
 
-def new_engine(model: GPT, max_batch: int = 4, max_queue: int = 64) -> Engine:
-    return Engine(model, max_batch=max_batch, max_queue=max_queue, max_len=MAX_LEN).start()
+def new_engine(model: GPT, max_batch: int = 4, max_queue: int = 64, warmup: bool = False) -> Engine:
+    return Engine(model, load_tokenizer(), max_batch=max_batch, max_queue=max_queue, max_len=MAX_LEN).start(warmup)
 
 
 def live_server(engine: Engine, api_key: str | None = None):

@@ -14,7 +14,7 @@ from jaxgpt.chat.template import render
 from jaxgpt.core.errors import UserError
 from jaxgpt.data import chat_source, shards
 from jaxgpt.data.prepare import PrepareConfig, prepare
-from jaxgpt.tokenizer.encoding import EOT_ID, get_tokenizer
+from jaxgpt.tokenizer import EOT_ID, load_tokenizer
 
 CONVERSATIONS = [
     {"messages": [{"role": "user", "content": "Who founded Zorbia?"}, {"role": "assistant", "content": "Queen Ilsa."}]},
@@ -67,10 +67,10 @@ def test_every_format_is_rendered_with_its_loss_mask_across_shards(tmp_path: Pat
     data = write_lines(tmp_path / "chat.jsonl", [*CONVERSATIONS[:2], "", *CONVERSATIONS[2:]])
     meta = prepare(chat_config(data, tmp_path / "out", val_fraction=0.2, shard_size=7))
     assert meta["format"] == "chat" and meta["skipped_bad_lines"] == 0
-    assert meta["longest_conversation"] == max(len(render(m).tokens) for m in MESSAGES)
+    assert meta["longest_conversation"] == max(len(render(m, load_tokenizer()).tokens) for m in MESSAGES)
     assert (meta["splits"]["val"]["conversations"], meta["splits"]["train"]["conversations"]) == (1, 4)
     assert meta["splits"]["train"]["shards"] > 1  # conversations straddle shard files
-    expected = [render(m) for m in MESSAGES]
+    expected = [render(m, load_tokenizer()) for m in MESSAGES]
     tokens, labels = read_split(tmp_path / "out", "train")
     np.testing.assert_array_equal(tokens, np.concatenate([r.tokens for r in expected[1:]]))
     np.testing.assert_array_equal(labels & shards.LOSS, np.concatenate([r.mask for r in expected[1:]]))
@@ -79,7 +79,7 @@ def test_every_format_is_rendered_with_its_loss_mask_across_shards(tmp_path: Pat
     assert (tokens[starts] == EOT_ID).all()
     val_tokens, val_labels = read_split(tmp_path / "out", "val")
     np.testing.assert_array_equal(val_tokens, expected[0].tokens)
-    trained = get_tokenizer().decode(val_tokens[(val_labels & shards.LOSS) > 0])
+    trained = load_tokenizer().decode(val_tokens[(val_labels & shards.LOSS) > 0])
     assert trained == " Queen Ilsa.<|endoftext|>"
 
 
@@ -115,7 +115,9 @@ def test_truncate_keeps_the_first_block_size_tokens_while_an_answer_token_surviv
         prepare(chat_config(data, tmp_path / "out", block_size=24, truncate=True, val_fraction=0.0))
     meta = prepare(chat_config(data, tmp_path / "out", block_size=24, truncate=True, skip_bad=True, val_fraction=0.0))
     tokens, labels = read_split(tmp_path / "out", "train")
-    full = render([{"role": "user", "content": "Q?"}, {"role": "assistant", "content": long_answer["response"]}])
+    full = render(
+        [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": long_answer["response"]}], load_tokenizer()
+    )
     np.testing.assert_array_equal(tokens, full.tokens[:24])
     np.testing.assert_array_equal(labels & shards.LOSS, full.mask[:24])
     assert meta["skipped_bad_lines"] == 1 and meta["truncate"] is True
@@ -145,7 +147,7 @@ def test_hub_chat_datasets_become_user_and_assistant_turns(tmp_path: Path, monke
     assert calls == [("tatsu-lab/alpaca", None, "train", True)]
     assert meta["format"] == "chat" and meta["source"] == "hf://tatsu-lab/alpaca"
     val_tokens, _ = read_split(tmp_path, "val")
-    assert get_tokenizer().decode(val_tokens) == "<|endoftext|>User: Add.\n\n2 and 3\nAssistant: 5<|endoftext|>"
+    assert load_tokenizer().decode(val_tokens) == "<|endoftext|>User: Add.\n\n2 and 3\nAssistant: 5<|endoftext|>"
     dolly = chat_source.dolly_messages({"instruction": "Sum up.", "context": "Long text.", "response": "Short."})
     assert dolly == [
         {"role": "user", "content": "Sum up.\n\nLong text."},

@@ -7,7 +7,7 @@ import pytest
 
 from jaxgpt.chat.template import ChatError, check_messages, fit_history, render
 from jaxgpt.core.errors import UserError
-from jaxgpt.tokenizer.encoding import EOT_ID, get_tokenizer
+from jaxgpt.tokenizer import EOT_ID, load_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "You answer in one line."},
@@ -23,8 +23,8 @@ TEXT = (
 
 
 def test_tokens_are_the_documented_text_and_the_mask_covers_exactly_the_answers() -> None:
-    tokenizer = get_tokenizer()
-    rendered = render(CONVERSATION)
+    tokenizer = load_tokenizer()
+    rendered = render(CONVERSATION, load_tokenizer())
     assert tokenizer.decode(rendered.tokens) == TEXT
     # each piece is encoded on its own; for ordinary text that equals encoding the whole conversation
     assert rendered.tokens.tolist() == tokenizer.encode(TEXT, allow_eot=True)
@@ -36,11 +36,11 @@ def test_tokens_are_the_documented_text_and_the_mask_covers_exactly_the_answers(
 
 def test_markers_are_the_same_tokens_whatever_the_content() -> None:
     odd = [{"role": "user", "content": "x:"}, {"role": "assistant", "content": "\n:User"}]
-    tokens = render(odd).tokens.tolist()
-    assert tokens[1:3] == get_tokenizer().encode("User:")
-    prompt = render(odd[:1], add_generation_prompt=True).tokens.tolist()
+    tokens = render(odd, load_tokenizer()).tokens.tolist()
+    assert tokens[1:3] == load_tokenizer().encode("User:")
+    prompt = render(odd[:1], load_tokenizer(), add_generation_prompt=True).tokens.tolist()
     assert prompt == tokens[: len(prompt)]  # what the model is prompted with is what it was trained after
-    assert get_tokenizer().decode(prompt).endswith("\nAssistant:")
+    assert load_tokenizer().decode(prompt).endswith("\nAssistant:")
 
 
 def test_bad_messages_are_refused() -> None:
@@ -56,11 +56,11 @@ def test_bad_messages_are_refused() -> None:
 
 
 def test_fit_history_drops_the_oldest_turns_and_keeps_the_system_prompt() -> None:
-    full = len(render(CONVERSATION[:4], add_generation_prompt=True).tokens)
-    assert fit_history(CONVERSATION[:4], full) == (CONVERSATION[:4], 0)
-    kept, dropped = fit_history(CONVERSATION[:4], full - 1)
+    full = len(render(CONVERSATION[:4], load_tokenizer(), add_generation_prompt=True).tokens)
+    assert fit_history(CONVERSATION[:4], full, load_tokenizer()) == (CONVERSATION[:4], 0)
+    kept, dropped = fit_history(CONVERSATION[:4], full - 1, load_tokenizer())
     assert dropped == 2 and kept == [CONVERSATION[0], CONVERSATION[3]]  # never starts with an assistant turn
-    assert len(render(kept, add_generation_prompt=True).tokens) <= full - 1
-    alone = len(render(kept, add_generation_prompt=True).tokens)
+    assert len(render(kept, load_tokenizer(), add_generation_prompt=True).tokens) <= full - 1
+    alone = len(render(kept, load_tokenizer(), add_generation_prompt=True).tokens)
     with pytest.raises(UserError, match="the last message needs"):
-        fit_history(CONVERSATION[:4], alone - 1)
+        fit_history(CONVERSATION[:4], alone - 1, load_tokenizer())

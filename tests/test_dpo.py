@@ -18,6 +18,7 @@ from jaxgpt.data.pipeline import Pairs, open_examples
 from jaxgpt.data.prepare import PrepareConfig, prepare
 from jaxgpt.model.params import ParamCodec
 from jaxgpt.rl import DPO
+from jaxgpt.tokenizer import load_tokenizer
 from jaxgpt.train.config import parse_run_config
 from jaxgpt.train.loop import next_batch
 from jaxgpt.train.optim import learning_rate_schedule, make_optimizer
@@ -72,9 +73,11 @@ def trl_ids(pair: dict) -> dict[str, list[int]]:
     """prompt/chosen/rejected ids as TRL's DPOTrainer tokenizes a conversational pair (the completion starts
     where the tokenized prompt and prompt + completion diverge), with jaxgpt's template as the chat template."""
     prompt, chosen, rejected = messages(pair)
-    prompt_ids = render(prompt, add_generation_prompt=True).tokens.tolist()
+    tokenizer = load_tokenizer()
+    prompt_ids = render(prompt, tokenizer, add_generation_prompt=True).tokens.tolist()
     full = {
-        name: render(prompt + reply).tokens.tolist() for name, reply in (("chosen", chosen), ("rejected", rejected))
+        name: render(prompt + reply, tokenizer).tokens.tolist()
+        for name, reply in (("chosen", chosen), ("rejected", rejected))
     }
     shared = min(
         next(i for i, (a, b) in enumerate(zip([*prompt_ids, -1], ids, strict=False)) if a != b) for ids in full.values()

@@ -351,7 +351,7 @@ def test_readme_sample_commands_fit_the_default_model():
 
 def test_tokenizer_finds_the_shared_data_without_the_variable():
     env = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_CACHE_DIR"}
-    code = "import os, jaxgpt.tokenizer as t; t.get_tokenizer(); print(os.environ['TIKTOKEN_CACHE_DIR'])"
+    code = "import os, jaxgpt.tokenizer as t; t.load_tokenizer(); print(os.environ['TIKTOKEN_CACHE_DIR'])"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert Path(done.stdout.strip()) == (ROOT.parent / "shared" / "data" / "tiktoken").resolve()

@@ -18,6 +18,7 @@ from jaxgpt.rl import rewards
 from jaxgpt.rl.__main__ import GRPOConfig, prompt_sets, run_grpo
 from jaxgpt.rl.grpo import GRPO, Rollout, group_advantages, prompt_tokens, token_log_probs
 from jaxgpt.sampling.generate import generate
+from jaxgpt.tokenizer import load_tokenizer
 from jaxgpt.train.optim import learning_rate_schedule, make_optimizer
 from jaxgpt.train.step import make_train_step
 from tests.hf_fixtures import make_hf_gpt2
@@ -68,7 +69,7 @@ def test_advantages_and_loss_match_a_hand_computed_reference(tmp_path: Path) -> 
     make_hf_gpt2(tmp_path / "hf", n_positions=32)
     model = load_hf_gpt2(tmp_path / "hf")
     records = [{"prompt": p, "answer": 0} for p in ("Hi", "Say a word", "Count")]
-    prompts = [p for p in prompt_tokens(records) for _ in range(4)]
+    prompts = [p for p in prompt_tokens(records, load_tokenizer()) for _ in range(4)]
     completions = generate(model, prompts, 6, temperature=1.0, key=jax.random.key(1))
     samples = Rollout(prompts, completions, rewards_PxG, advantages)
     batch = samples.batch(32)

@@ -23,6 +23,7 @@ from jaxgpt.eval.harness import JaxGPTLM
 from jaxgpt.eval.hellaswag import HellaSwagItem, score_endings
 from jaxgpt.model.config import GPTConfig
 from jaxgpt.model.gpt import GPT
+from jaxgpt.tokenizer import load_tokenizer
 
 BLOCK_SIZE = 64
 SENTENCES = [
@@ -42,14 +43,12 @@ def model_dir(tmp_path_factory) -> Path:
     """
     from transformers.integrations.tiktoken import convert_tiktoken_to_fast
 
-    from jaxgpt.tokenizer.encoding import get_tokenizer
-
     path = tmp_path_factory.mktemp("harness") / "gpt2-tiny"
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=BLOCK_SIZE), nnx.Rngs(0))
     params = nnx.state(model, nnx.Param)
     nnx.update(model, jax.tree.map(lambda x: x * 6, params))
     save_hf_gpt2(model, path)
-    convert_tiktoken_to_fast(get_tokenizer()._enc, str(path))
+    convert_tiktoken_to_fast(load_tokenizer()._enc, str(path))
     return path
 
 
@@ -117,7 +116,7 @@ def test_generate_until_matches_hf_greedy(jaxgpt_lm, hf_lm):
 def test_hellaswag_choice_equals_jaxgpt_hellaswag(jaxgpt_lm):
     items = HELLASWAG_STYLE
     # 8 rows on the adapter's mesh: the shape the requests compiled, nothing compiles again
-    reference = score_endings(jaxgpt_lm.model, items, batch_size=2, mesh=jaxgpt_lm.mesh)
+    reference = score_endings(jaxgpt_lm.model, items, load_tokenizer(), batch_size=2, mesh=jaxgpt_lm.mesh)
     args = [(item.ctx, " " + ending) for item in items for ending in item.endings]
     ours = jaxgpt_lm.loglikelihood(requests("loglikelihood", args), disable_tqdm=True)
     sums = np.asarray([ll for ll, _ in ours]).reshape(len(items), 4)
@@ -170,7 +169,7 @@ def test_simple_evaluate_runs_an_lm_eval_task_on_the_registered_model(model_dir,
     results = simple_evaluate(
         model="jaxgpt", model_args=f"init_from={model_dir},batch_size=8", tasks=["tiny_choice"], task_manager=tasks
     )
-    scores = score_endings(jaxgpt_lm.model, HELLASWAG_STYLE, batch_size=2, mesh=jaxgpt_lm.mesh)
+    scores = score_endings(jaxgpt_lm.model, HELLASWAG_STYLE, load_tokenizer(), batch_size=2, mesh=jaxgpt_lm.mesh)
     expected = np.mean(scores.sum_logprob.argmax(axis=1) == [item.label for item in HELLASWAG_STYLE])
     assert results["results"]["tiny_choice"]["acc,none"] == expected
 

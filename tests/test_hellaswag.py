@@ -21,6 +21,7 @@ from jaxgpt.data.shards import write_shard
 from jaxgpt.eval import evaluate_hellaswag, load_hellaswag, score_endings
 from jaxgpt.eval import hellaswag as hs
 from jaxgpt.eval.scoring import SMALLEST_BUCKET
+from jaxgpt.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -96,14 +97,14 @@ def test_scores_and_predictions_match_transformers(tiny, items_file):
     items = load_hellaswag(items_file)
     assert [i.label for i in items] == [r["label"] for r in ITEMS] and items[2].activity_label == "Home and Garden"
     sums, means = reference_scores(tiny.dir)
-    scores = score_endings(tiny.model, items, batch_size=4)  # 6 items: a full batch and a padded one
+    scores = score_endings(tiny.model, items, load_tokenizer(), batch_size=4)  # 6 items: a full batch and a padded one
     np.testing.assert_allclose(scores.sum_logprob, sums, rtol=1e-6, atol=1e-4)
     np.testing.assert_allclose(scores.mean_logprob, means, rtol=1e-6, atol=1e-5)
 
     pred, pred_norm = (-sums).argmin(axis=1), (-means).argmin(axis=1)  # build-nanogpt: argmin of the loss
     assert (pred != pred_norm).any(), "the test items must tell acc from acc_norm apart"
     labels = np.array([r["label"] for r in ITEMS])
-    result = evaluate_hellaswag(tiny.model, items, batch_size=4, progress=False)
+    result = evaluate_hellaswag(tiny.model, items, load_tokenizer(), batch_size=4, progress=False)
     assert result == {
         "acc": pytest.approx(np.mean(pred == labels)),
         "acc_norm": pytest.approx(np.mean(pred_norm == labels)),
@@ -116,24 +117,26 @@ def test_scores_and_predictions_match_transformers(tiny, items_file):
 def test_long_rows_are_truncated_from_the_left(tmp_path, items_file):
     short = tiny_gpt2(tmp_path / "short", n_positions=16, seed=1)
     sums, means = reference_scores(short.dir, block_size=16)
-    scores = score_endings(short.model, load_hellaswag(items_file), batch_size=2)
+    scores = score_endings(short.model, load_hellaswag(items_file), load_tokenizer(), batch_size=2)
     np.testing.assert_allclose(scores.sum_logprob, sums, rtol=1e-6, atol=1e-4)
     np.testing.assert_allclose(scores.mean_logprob, means, rtol=1e-6, atol=1e-5)
 
 
 def test_no_recompilation_across_batches_and_calls(tiny, items_file):
     items = load_hellaswag(items_file)
-    lengths = [max(len(r) - 1 for r, _ in rows) for rows in hs.render(items, tiny.model.config.block_size)]
+    lengths = [
+        max(len(r) - 1 for r, _ in rows) for rows in hs.render(items, tiny.model.config.block_size, load_tokenizer())
+    ]
     items = [i for i, n in zip(items, lengths, strict=True) if n <= SMALLEST_BUCKET]  # one length bucket
     assert len({n for n in lengths if n <= SMALLEST_BUCKET}) >= 4  # ...and different context lengths
-    score_endings(tiny.model, items[:1], batch_size=1)  # compiles the one shape
+    score_endings(tiny.model, items[:1], load_tokenizer(), batch_size=1)  # compiles the one shape
     same_weights_again = load_model(tiny.dir)  # training rebuilds its model from the parameters at each call
     compiles = []
     listener = lambda event, duration, **kw: compiles.append(event) if event == BACKEND_COMPILE_EVENT else None
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        score_endings(tiny.model, items, batch_size=1)  # one batch per context length
-        evaluate_hellaswag(same_weights_again, items[::-1], batch_size=1, progress=False)
+        score_endings(tiny.model, items, load_tokenizer(), batch_size=1)  # one batch per context length
+        evaluate_hellaswag(same_weights_again, items[::-1], load_tokenizer(), batch_size=1, progress=False)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
@@ -141,13 +144,13 @@ def test_no_recompilation_across_batches_and_calls(tiny, items_file):
 
 def test_sharded_mesh_gives_the_same_scores(tiny, items_file):
     items = load_hellaswag(items_file)
-    expected = score_endings(tiny.model, items, batch_size=4)
+    expected = score_endings(tiny.model, items, load_tokenizer(), batch_size=4)
     mesh = make_mesh("4x2")
     sharded = shard_model(load_model(tiny.dir, pad_vocab_multiple=64), mesh)
-    scores = score_endings(sharded, items, mesh=mesh)  # default batch size: 8 items, 32 rows over 4
+    scores = score_endings(sharded, items, load_tokenizer(), mesh=mesh)  # default batch size: 8 items, 32 rows over 4
     np.testing.assert_allclose(scores.sum_logprob, expected.sum_logprob, rtol=1e-5)
     with pytest.raises(UserError, match="not divisible"):
-        score_endings(sharded, items, batch_size=1, mesh=make_mesh("8x1"))
+        score_endings(sharded, items, load_tokenizer(), batch_size=1, mesh=make_mesh("8x1"))
 
 
 @pytest.mark.parametrize(

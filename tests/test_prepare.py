@@ -18,7 +18,7 @@ from jaxgpt.core.errors import UserError
 from jaxgpt.core.swap import staging_dir
 from jaxgpt.data import shards, sources
 from jaxgpt.data.prepare import PrepareConfig, prepare
-from jaxgpt.tokenizer.encoding import EOT_ID, get_tokenizer
+from jaxgpt.tokenizer import EOT_ID, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def test_shakespeare_gives_nanogpts_token_counts_and_decodes_back(shakespeare_pa
     text = shakespeare_path.read_text(encoding="utf-8")
     train, val = split_tokens(tmp_path, "train"), split_tokens(tmp_path, "val")
     assert EOT_ID not in train and EOT_ID not in val
-    decode = get_tokenizer().decode
+    decode = load_tokenizer().decode
     assert decode(train) + decode(val) == text
     assert decode(train) == text[: int(len(text) * 0.9)]
 
@@ -53,7 +53,7 @@ def test_cutting_into_pieces_keeps_the_tokens(shakespeare_path: Path, tmp_path: 
     path.write_text(text, encoding="utf-8")
     pieces = list(sources.read_pieces(path, chunk_chars=500))
     assert len(pieces) > 100 and "".join(pieces) == text
-    tokenizer = get_tokenizer()
+    tokenizer = load_tokenizer()
     assert [t for p in pieces for t in tokenizer.encode(p)] == tokenizer.encode(text)
 
 
@@ -82,7 +82,7 @@ def test_multi_document_folder(tmp_path: Path) -> None:
     meta = prepare(dataclasses.replace(config, num_proc=2))
     assert meta["name"] == "corpus" and meta["eot"] == "before each document"
     assert meta["splits"]["train"]["shards"] > 3
-    decode = get_tokenizer().decode
+    decode = load_tokenizer().decode
     for split, docs in (("train", train_docs), ("val", val_docs)):
         tokens = split_tokens(tmp_path / "a", split)
         assert tokens[0] == EOT_ID and int((tokens == EOT_ID).sum()) == len(docs)
@@ -177,7 +177,7 @@ def test_hub_datasets(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     meta = prepare(PrepareConfig(dataset="fineweb-edu", out_dir=str(tmp_path / "b"), val_fraction=0.2, num_proc=1))
     assert calls == [("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)]
-    assert get_tokenizer().decode(split_tokens(tmp_path / "b", "val")) == "<|endoftext|>row 0"
+    assert load_tokenizer().decode(split_tokens(tmp_path / "b", "val")) == "<|endoftext|>row 0"
     assert meta["splits"]["train"]["tokens"] == 4 * 3  # EOT, "row", " N" per document
 
 
@@ -190,3 +190,37 @@ def test_cli_prints_counts_and_reports_mistakes_in_one_line(tmp_path: Path, shak
         assert failed.returncode == 2
         assert failed.stderr.startswith("error: ") and len(failed.stderr.strip().splitlines()) == 1
         assert "Traceback" not in failed.stderr and "--input" in failed.stderr
+
+
+def test_a_tokenizer_trained_for_the_corpus_is_saved_with_the_shards(shakespeare_path: Path, tmp_path: Path) -> None:
+    from jaxgpt.tokenizer import tokenizer_of
+
+    text = shakespeare_path.read_text(encoding="utf-8")
+    meta = prepare(PrepareConfig(input=str(shakespeare_path), out_dir=str(tmp_path / "a"), tokenizer="train:1024"))
+    tokenizer = tokenizer_of(tmp_path / "a")
+    assert not tokenizer.is_gpt2 and tokenizer.vocab_size == meta["vocab_size"] == 1024
+    assert meta["tokenizer_fingerprint"] == tokenizer.fingerprint and meta["eot_id"] == 1023
+    boundary = int(len(text) * 0.9)
+    assert meta["splits"]["train"]["bytes"] == len(text[:boundary].encode())
+    assert meta["splits"]["val"]["bytes"] == len(text[boundary:].encode())
+    val = split_tokens(tmp_path / "a", "val")
+    assert tokenizer.decode(val) == text[boundary:] and len(val) == meta["splits"]["val"]["tokens"]
+    assert 2 * len(val) < meta["splits"]["val"]["bytes"]  # merges learnt: over two bytes a token
+    # the saved tokenizer, given as a folder, makes the same shards (and travels with them)
+    again = prepare(
+        PrepareConfig(input=str(shakespeare_path), out_dir=str(tmp_path / "b"), tokenizer=str(tmp_path / "a"))
+    )
+    assert again["tokenizer_fingerprint"] == meta["tokenizer_fingerprint"]
+    np.testing.assert_array_equal(split_tokens(tmp_path / "b", "val"), val)
+    assert tokenizer_of(tmp_path / "b").fingerprint == tokenizer.fingerprint
+
+
+def test_bad_tokenizer_flags_are_one_line(shakespeare_path: Path, tmp_path: Path) -> None:
+    for flag, message in [
+        ("nothere", "holds no tokenizer"),
+        ("train:x", "number of tokens"),
+        ("train:70000", "uint16"),
+    ]:
+        done = run_cli("--input", str(shakespeare_path), "--out_dir", str(tmp_path / "d"), "--tokenizer", flag)
+        assert done.returncode == 2 and done.stderr.startswith("error:") and message in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1

@@ -15,7 +15,7 @@ from jaxgpt.plan import report as plan
 from jaxgpt.sampling import text as text_sampling
 from jaxgpt.sampling.config import SampleConfig
 from jaxgpt.sampling.text import TextStream
-from jaxgpt.tokenizer.encoding import get_tokenizer
+from jaxgpt.tokenizer import load_tokenizer
 
 MODEL = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16), nnx.Rngs(0))
 
@@ -25,13 +25,13 @@ def test_new_tokens_default_to_what_fits_the_context(monkeypatch, prompt, max_ne
     asked = []
     monkeypatch.setattr(text_sampling, "generate", lambda model, prompts, n, **kw: asked.append(n) or [[]])
     config = SampleConfig(init_from="unused", prompt=prompt, max_new_tokens=max_new_tokens, stream=False)
-    assert len(get_tokenizer().encode("ROMEO:")) == 3
-    text_sampling.sample_prompt(MODEL, get_tokenizer(), prompt, config, jax.random.key(0), io.StringIO(), None)
+    assert len(load_tokenizer().encode("ROMEO:")) == 3
+    text_sampling.sample_prompt(MODEL, load_tokenizer(), prompt, config, jax.random.key(0), io.StringIO(), None)
     assert asked == [expected]
 
 
 def test_chat_answers_start_at_their_first_visible_character():
-    tok, out = get_tokenizer(), io.StringIO()
+    tok, out = load_tokenizer(), io.StringIO()
     stream = TextStream(tok, out, strip_space=True, end="\n")  # as sample.py --chat writes replies
     for token in [*tok.encode(" \n\nJuliet, my love."), tok.eot_id]:
         stream(0, token)

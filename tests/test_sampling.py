@@ -28,7 +28,7 @@ from jaxgpt.sampling import generate as sampling
 from jaxgpt.sampling.config import SampleConfig
 from jaxgpt.sampling.generate import generate, left_pad, process_logits, sample_token
 from jaxgpt.sampling.text import TextStream
-from jaxgpt.tokenizer.encoding import get_tokenizer
+from jaxgpt.tokenizer import load_tokenizer
 from tests.hf_fixtures import make_hf_gpt2
 
 REPO = Path(__file__).resolve().parents[1]
@@ -247,7 +247,7 @@ def test_bad_input_is_a_user_error(model, prompts, new, kwargs, message):
 
 
 def test_text_stream_waits_for_whole_characters():
-    tokenizer = get_tokenizer()
+    tokenizer = load_tokenizer()
     text = "naïve 我们 🤖 café"
     tokens = tokenizer.encode(text)
     assert any("\ufffd" in tokenizer.decode([t]) for t in tokens)  # some token ends inside a character

@@ -10,7 +10,7 @@ import pytest
 
 from jaxgpt.chat.template import render
 from jaxgpt.sampling.generate import generate
-from jaxgpt.tokenizer.encoding import get_tokenizer
+from jaxgpt.tokenizer import load_tokenizer
 from tests.serve_utils import MAX_LEN, MODEL_NAME, live_server, wait_all_free
 
 pytest_plugins = ("tests.serve_utils",)  # the module fixtures model, engine (MAX_BATCH slots) and url
@@ -26,7 +26,7 @@ def client(url):
 def greedy_text(model, prompt: list[int], n: int) -> tuple[list[int], str]:
     """The reference: jaxgpt.sampling.generate alone (itself checked against transformers in test_sampling)."""
     tokens = generate(model, [prompt], n, temperature=0)[0]
-    return tokens, get_tokenizer().decode([t for t in tokens if t != 50256])
+    return tokens, load_tokenizer().decode([t for t in tokens if t != 50256])
 
 
 def test_models_and_health(client, url):
@@ -37,7 +37,7 @@ def test_models_and_health(client, url):
 
 def test_completion_greedy_matches_generate(client, model):
     prompt = "Once upon a time"
-    tokens, text = greedy_text(model, get_tokenizer().encode(prompt), 12)
+    tokens, text = greedy_text(model, load_tokenizer().encode(prompt), 12)
     out = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12, temperature=0)
     assert out.choices[0].text == text
     assert out.choices[0].finish_reason == ("stop" if tokens[-1] == 50256 else "length")
@@ -63,7 +63,7 @@ def test_completion_lists_of_prompts_n_seed_and_stop(client, model):
         model=MODEL_NAME, prompt=["Hello", "The cat"], max_tokens=6, n=2, temperature=1.0, seed=11
     )
     assert [c.text for c in out.choices] == [c.text for c in again.choices]  # seeds reproduce
-    _, text = greedy_text(model, get_tokenizer().encode("Hello"), 16)
+    _, text = greedy_text(model, load_tokenizer().encode("Hello"), 16)
     stop = text[5:8]
     cut = client.completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=16, temperature=0, stop=[stop])
     assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
@@ -74,14 +74,14 @@ def test_completion_echo_and_logprobs(client):
     out = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=1, temperature=0, logprobs=1, echo=True)
     logprobs = out.choices[0].logprobs
     assert len(logprobs.tokens) == 5 and logprobs.token_logprobs[0] is None
-    assert out.choices[0].text.startswith(get_tokenizer().decode(prompt))
+    assert out.choices[0].text.startswith(load_tokenizer().decode(prompt))
     assert all(lp < 0 for lp in logprobs.token_logprobs[1:])
     greedy = logprobs.top_logprobs[-1]  # the generated token is the greedy one: its own top entry
     assert next(iter(greedy.values())) == pytest.approx(logprobs.token_logprobs[-1])
 
 
 def test_chat_greedy_matches_the_template_and_streams(client, model):
-    prompt = render(MESSAGES, add_generation_prompt=True).tokens.tolist()
+    prompt = render(MESSAGES, load_tokenizer(), add_generation_prompt=True).tokens.tolist()
     _, text = greedy_text(model, prompt, 16)
     out = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=16, temperature=0)
     assert out.choices[0].message.role == "assistant"

@@ -12,16 +12,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxgpt.core.sharding import make_mesh, shard_model
 from jaxgpt.model.decoding import decode as decode_chunk
 from jaxgpt.model.decoding import init_cache
 from jaxgpt.sampling.generate import generate, left_pad, process_logits
 from jaxgpt.serve.device import filter_rows
 from jaxgpt.serve.engine import Engine, GenerationRequest, Update
 from jaxgpt.serve.text import TextTracker
-from jaxgpt.tokenizer.encoding import get_tokenizer
-from tests.serve_utils import MAX_LEN
+from jaxgpt.tokenizer import load_tokenizer
+from tests.serve_utils import MAX_LEN, tiny_model
 
 pytest_plugins = ("tests.serve_utils",)  # the module fixtures model, engine (MAX_BATCH slots) and url
+WARMUP = True  # the compile counts start from a warm engine
 
 PROMPTS = [[464, 3290, 318], list(range(100, 116)), [50256, 7, 8, 9, 10, 11, 12, 13, 14]]
 decode = nnx.jit(decode_chunk)
@@ -92,8 +94,8 @@ def test_per_row_filters_keep_what_process_logits_keeps(top_k, top_p):
 
 
 def test_text_tracker_cuts_at_stop_strings_and_holds_back_their_start():
-    tokens = get_tokenizer().encode("Hello world. The end.")
-    tracker, deltas = TextTracker(["orld.", "xyz"]), []
+    tokens = load_tokenizer().encode("Hello world. The end.")
+    tracker, deltas = TextTracker(load_tokenizer(), ["orld.", "xyz"]), []
     for token in tokens:
         tracker.add([token])
         deltas.append(tracker.delta())
@@ -124,14 +126,16 @@ def test_greedy_under_concurrent_load_equals_each_request_alone(engine, model):
 
 
 def test_one_compiled_prefill_per_bucket_and_one_decode_step(engine):
-    """Whatever the mix of lengths, sampling rules, seeds and logprobs: no compilation after warm-up."""
-    assert engine.compilations() == {"prefill": len(engine.buckets), "step": 1, "score": 0}
+    """Whatever the mix of lengths, sampling rules, seeds and logprobs: no compilation after warm-up (one decode
+    step per row bucket: a step runs the first 1, 2 or 4 slots)."""
+    assert engine.compilations() == {"prefill": len(engine.buckets), "step": len(engine.row_buckets), "score": 0}
+    assert engine.row_buckets == [1, 2, 4]
     assert engine.buckets == [16, 32, 64]
     rules = [dict(temperature=0.0), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8),
              dict(temperature=1.0, seed=3, logprobs=2), dict(temperature=0.5, top_k=40, top_p=0.5)]  # fmt: skip
     requests = [GenerationRequest(tuple(range(1, 2 + 7 * i)), 5 + i, **rules[i % 5]) for i in range(8)]
     run_all(engine, requests)
-    assert engine.compilations() == {"prefill": 3, "step": 1, "score": 0}
+    assert engine.compilations() == {"prefill": 3, "step": 3, "score": 0}
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(engine):
@@ -162,7 +166,7 @@ def test_logprobs_are_the_models_log_softmax(engine, model):
 
 def test_cancel_and_stop_strings_end_a_request_and_free_its_slot(engine):
     tokens = tokens_of(run_all(engine, [GenerationRequest((5, 6, 7), 20, temperature=0.0, ignore_eos=True)])[0])
-    text = get_tokenizer().decode(tokens)
+    text = load_tokenizer().decode(tokens)
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     updates = run_all(engine, [GenerationRequest((5, 6, 7), 20, temperature=0.0, stop=(stop,), ignore_eos=True)])[0]
     assert updates[-1].finish_reason == "stop"
@@ -176,3 +180,15 @@ def test_cancel_and_stop_strings_end_a_request_and_free_its_slot(engine):
     while engine.stats()["free_slots"] < engine.max_batch and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.stats() == {"running": 0, "waiting": 0, "free_slots": 4}
+
+
+@pytest.mark.filterwarnings("ignore:dimension .vocab.:UserWarning")  # 50257 rows do not split 2 ways
+def test_a_sharded_engine_gives_the_same_greedy_tokens(engine, model):
+    mesh = make_mesh("4x2")  # 8 fake CPU devices (conftest): slots over data, heads over model
+    sharded = Engine(shard_model(tiny_model(), mesh), load_tokenizer(), max_batch=4, max_len=MAX_LEN, mesh=mesh)
+    sharded.start(warmup=False)
+    try:
+        requests = [GenerationRequest(tuple(p), 8, temperature=0.0, ignore_eos=True) for p in PROMPTS]
+        assert [tokens_of(u) for u in run_all(sharded, requests)] == [tokens_of(u) for u in run_all(engine, requests)]
+    finally:
+        sharded.stop(10)

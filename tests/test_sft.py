@@ -19,6 +19,7 @@ from jaxgpt.data.prepare import PrepareConfig, prepare
 from jaxgpt.model.config import GPTConfig
 from jaxgpt.model.losses import token_log_probs
 from jaxgpt.model.params import ParamCodec
+from jaxgpt.tokenizer import load_tokenizer
 from jaxgpt.train.config import parse_run_config
 from jaxgpt.train.loop import next_batch
 from jaxgpt.train.optim import learning_rate_schedule, make_optimizer
@@ -73,7 +74,9 @@ def test_conversations_are_padded_rows_that_resume_like_windows(chat_dir: Path) 
     assert len(conversations) == len(FACTS)
     batch = conversations.batch(np.array([3, 0]))
     for row, (question, answer) in zip(range(2), [FACTS[3], FACTS[0]], strict=True):
-        rendered = render([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
+        rendered = render(
+            [{"role": "user", "content": question}, {"role": "assistant", "content": answer}], load_tokenizer()
+        )
         n = len(rendered.tokens)
         np.testing.assert_array_equal(batch["inputs"][row, : n - 1], rendered.tokens[:-1])
         np.testing.assert_array_equal(batch["targets"][row, : n - 1], rendered.tokens[1:])
@@ -148,7 +151,10 @@ def test_fine_tuning_from_scratch_answers_the_facts_in_chat(chat_dir: Path, tmp_
     trained = run_train_cli(args, devices=1, timeout=900)  # one device: eight fake ones would only slow two cores down
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert logged_losses(out)[240] < 0.3  # 48 epochs of 40 conversations, 8 a step
-    prompt = max(len(render([{"role": "user", "content": q}], add_generation_prompt=True).tokens) for q, _ in FACTS)
+    prompt = max(
+        len(render([{"role": "user", "content": q}], load_tokenizer(), add_generation_prompt=True).tokens)
+        for q, _ in FACTS
+    )
     questions = "".join(f"{q}\n" for q, _ in FACTS)
     chat = subprocess.run(
         [sys.executable, "sample.py", "--init_from", str(out), "--chat", "--temperature", "0",

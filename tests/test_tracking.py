@@ -28,6 +28,7 @@ def records(steps: range, offset: float = 0.0) -> list[dict]:
         record = {"loss": 5.0 / step + offset, "lr": 1e-3 * step, "mfu": None, "step": step}
         if step % 2 == 0:
             record["val_loss"] = 6.0 / step + offset
+            record["val_bpb"] = 3.0 / step + offset
         out.append(record)
     return out
 
@@ -82,7 +83,7 @@ def assert_same(scalars: dict[str, dict[int, float]], expected: dict[str, dict[i
 def test_tensorboard_events_equal_metrics_jsonl(tmp_path):
     log_run(tmp_path, records(range(1, 7)), tensorboard=True, wandb_project=None)
     assert_same(tensorboard_scalars(tmp_path), metrics_by_tag(tmp_path))
-    assert set(metrics_by_tag(tmp_path)) == {"loss", "lr", "val_loss"}
+    assert set(metrics_by_tag(tmp_path)) == {"loss", "lr", "val_loss", "val_bpb"}
     texts = tensorboard_texts(tmp_path)
     assert "ROMEO:\nHello there" in texts["sample/text_summary"][0]
     assert '"lr": 0.01' in texts["config/text_summary"][0]

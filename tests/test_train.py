@@ -94,12 +94,13 @@ def test_overfitting_one_batch_drives_the_loss_to_zero():
     assert float(metrics["loss"]) < 0.05
 
 
-def test_shakespeare_preset_learns(shakespeare_path, tmp_path):
+def test_shakespeare_gpt2_preset_learns(shakespeare_path, tmp_path):
     from jaxgpt.data.prepare import main as prepare
     from jaxgpt.train.loop import train
 
     prepare(["--input", str(shakespeare_path), "--out_dir", str(tmp_path / "data")])
-    args = ["--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out"), "--max_steps", "40"]
+    args = ["--preset", "shakespeare-gpt2", "--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out")]
+    args += ["--max_steps", "40"]
     args += ["--batch_size", "8", "--block_size", "64", "--warmup_steps", "5", "--eval_iters", "2"]
     args += ["--log_interval", "5", "--sample_tokens", "8"]
     record = train(parse_run_config(args))

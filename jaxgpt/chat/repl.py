@@ -18,7 +18,7 @@ from jaxgpt.chat.reply import Message, generate_reply, prompt_room
 from jaxgpt.core.errors import UserError
 from jaxgpt.model.gpt import GPT
 from jaxgpt.sampling.text import TextStream
-from jaxgpt.tokenizer.encoding import get_tokenizer
+from jaxgpt.tokenizer import Tokenizer
 
 USER_PROMPT = "you> "
 
@@ -27,6 +27,7 @@ def chat(
     model: GPT,
     lines: Iterator[str],
     *,
+    tokenizer: Tokenizer,
     system: str | None,
     max_new_tokens: int,
     key: jax.Array,
@@ -43,10 +44,10 @@ def chat(
     prompt_room(model, max_new_tokens)  # fail before the first line if nothing could ever fit
     history: list[Message] = [{"role": "system", "content": system}] if system else []
     for i, line in enumerate(lines):
-        stream = TextStream(get_tokenizer(), out, strip_space=True, end="\n")
+        stream = TextStream(tokenizer, out, strip_space=True, end="\n")
         try:
             reply = generate_reply(
-                model, [*history, {"role": "user", "content": line}], max_new_tokens,
+                model, [*history, {"role": "user", "content": line}], max_new_tokens, tokenizer=tokenizer,
                 key=jax.random.fold_in(key, i), on_token=stream, **sampling,
             )  # fmt: skip
         except UserError as err:  # a message that cannot fit should not end the conversation

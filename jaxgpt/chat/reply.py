@@ -1,6 +1,6 @@
 """Chatting with a model: the template of :mod:`jaxgpt.chat.template` plus generating a reply.
 
-``render(messages)`` gives a conversation's tokens and loss mask; ``generate_reply(model, messages)``
+``render(messages, tokenizer)`` gives a conversation's tokens and loss mask; ``generate_reply(model, messages)``
 the assistant's next message, streamed, within the model's context.
 """
 
@@ -16,7 +16,7 @@ from jaxgpt.chat.template import Message, Rendered, fit_history, render
 from jaxgpt.core.errors import UserError
 from jaxgpt.model.gpt import GPT
 from jaxgpt.sampling.generate import generate
-from jaxgpt.tokenizer.encoding import EOT_ID, get_tokenizer
+from jaxgpt.tokenizer import Tokenizer
 
 __all__ = ["Message", "Rendered", "Reply", "fit_history", "generate_reply", "render"]
 
@@ -47,6 +47,7 @@ def generate_reply(
     messages: Sequence[Mapping[str, str]],
     max_new_tokens: int = 256,
     *,
+    tokenizer: Tokenizer,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -59,12 +60,12 @@ def generate_reply(
     The history is cut from the oldest turn on so that prompt and ``max_new_tokens`` fit the model's
     context (``Reply.dropped`` says how many messages went). Generation stops at the end of the turn.
     """
-    history, dropped = fit_history(messages, prompt_room(model, max_new_tokens))
-    prompt = render(history, add_generation_prompt=True).tokens
+    history, dropped = fit_history(messages, prompt_room(model, max_new_tokens), tokenizer)
+    prompt = render(history, tokenizer, add_generation_prompt=True).tokens
     new = generate(
         model, [prompt], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, key=key,
-        stop_at_eot=True, on_token=on_token, mesh=mesh,
+        stop_at_eot=True, on_token=on_token, mesh=mesh, eot_id=tokenizer.eot_id,
     )[0]  # fmt: skip
-    finished = bool(new) and new[-1] == EOT_ID
-    text = get_tokenizer().decode(new[:-1] if finished else new).lstrip()  # the marker's space, a model's newline
+    finished = bool(new) and new[-1] == tokenizer.eot_id
+    text = tokenizer.decode(new[:-1] if finished else new).lstrip()  # the marker's space, a model's newline
     return Reply(text, [*history, {"role": "assistant", "content": text}], dropped, finished)

@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from jaxgpt.core.errors import UserError
-from jaxgpt.tokenizer.encoding import EOT_ID, get_tokenizer
+from jaxgpt.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 MARKERS = {"system": "System:", "user": "User:", "assistant": "Assistant:"}
@@ -74,10 +74,10 @@ class _Piece:
     trained: bool
 
 
-def _message_pieces(message: Message) -> list[_Piece]:
-    encode = get_tokenizer().encode
+def _message_pieces(message: Message, tokenizer: Tokenizer) -> list[_Piece]:
+    encode = tokenizer.encode
     is_reply = message["role"] == "assistant"
-    end = [EOT_ID] if is_reply else encode("\n")
+    end = [tokenizer.eot_id] if is_reply else encode("\n")
     return [
         _Piece(encode(MARKERS[message["role"]]), False),
         _Piece(encode(" " + message["content"]) + end, is_reply),
@@ -90,21 +90,25 @@ def _join(pieces: Sequence[_Piece]) -> Rendered:
     return Rendered(tokens, mask)
 
 
-def generation_prompt() -> list[int]:
+def generation_prompt(tokenizer: Tokenizer) -> list[int]:
     """The tokens that open the assistant's turn."""
-    return get_tokenizer().encode(MARKERS["assistant"])
+    return tokenizer.encode(MARKERS["assistant"])
 
 
-def render(messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = False) -> Rendered:
+def render(
+    messages: Sequence[Mapping[str, str]], tokenizer: Tokenizer, *, add_generation_prompt: bool = False
+) -> Rendered:
     """A conversation's tokens and loss mask; ``add_generation_prompt`` appends ``Assistant:`` to reply."""
-    pieces = [_Piece([EOT_ID], False)]
-    pieces += [p for m in check_messages(messages) for p in _message_pieces(m)]
+    pieces = [_Piece([tokenizer.eot_id], False)]
+    pieces += [p for m in check_messages(messages) for p in _message_pieces(m, tokenizer)]
     if add_generation_prompt:
-        pieces.append(_Piece(generation_prompt(), False))
+        pieces.append(_Piece(generation_prompt(tokenizer), False))
     return _join(pieces)
 
 
-def fit_history(messages: Sequence[Mapping[str, str]], max_tokens: int) -> tuple[list[Message], int]:
+def fit_history(
+    messages: Sequence[Mapping[str, str]], max_tokens: int, tokenizer: Tokenizer
+) -> tuple[list[Message], int]:
     """The newest messages whose prompt (with ``Assistant:``) fits ``max_tokens``, and how many were dropped.
 
     System messages at the start are always kept; the oldest other messages go first, and the kept
@@ -112,8 +116,8 @@ def fit_history(messages: Sequence[Mapping[str, str]], max_tokens: int) -> tuple
     """
     messages = check_messages(messages)
     n_system = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
-    lengths = [sum(len(p.tokens) for p in _message_pieces(m)) for m in messages]
-    fixed = 1 + sum(lengths[:n_system]) + len(generation_prompt())
+    lengths = [sum(len(p.tokens) for p in _message_pieces(m, tokenizer)) for m in messages]
+    fixed = 1 + sum(lengths[:n_system]) + len(generation_prompt(tokenizer))
     start = n_system
     while start < len(messages) and (messages[start]["role"] != "user" or fixed + sum(lengths[start:]) > max_tokens):
         start += 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,9 @@ def load_model(init_from: str | os.PathLike, **overrides: Any) -> GPT:
 class LoadConfig:
     """The flags of every command that loads a model to run it: which model, on which mesh, in which dtype."""
 
-    init_from: str = option("gpt2", "training checkpoint directory, Hugging Face GPT-2 directory or hub id")
+    init_from: str | None = option(
+        None, "training run directory, Hugging Face GPT-2 directory or hub id (default: the newest run under out/)"
+    )
     mesh: str | None = option(None, "device mesh DxM (data x model); default: every device on data")
     dtype: DType = option("float32", "compute dtype of the model")
 
@@ -125,3 +128,13 @@ def newest_run(root: str | os.PathLike = "out") -> Path:
         (run / name).stat().st_mtime for name in (RUN_FILE, METRICS_FILE) if (run / name).is_file()
     )
     return max(runs, key=written)
+
+
+def resolve_init_from(init_from: str | os.PathLike | None) -> str:
+    """``init_from`` as given, or (None) the newest run under ``out/``, said on stderr: every command that
+    loads a model defaults to the run just trained."""
+    if init_from is not None:
+        return str(init_from)
+    newest = str(newest_run())
+    print(f"using {newest}, the newest run under out/ (--init_from picks another)", file=sys.stderr)
+    return newest

@@ -16,10 +16,12 @@ from typing import Literal
 from jaxgpt.checkpoints.loading import load_model, save_model
 from jaxgpt.checkpoints.run_dir import is_run_dir
 from jaxgpt.convert import save_hf_gpt2
+from jaxgpt.convert.hf_tokenizer import save_hf_tokenizer
 from jaxgpt.core.cli import parse, run
 from jaxgpt.core.errors import UserError
 from jaxgpt.core.options import option
 from jaxgpt.core.swap import replace_dir, staging_dir
+from jaxgpt.tokenizer import tokenizer_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     dst = Path(args.dst)
     check_destination(dst, args.overwrite)
     model = load_model(args.src)
+    tokenizer = tokenizer_of(args.src)  # a run's own tokenizer goes with its weights
     staged = staging_dir(dst, "converting")  # written aside, then swapped in whole: never half a destination
     shutil.rmtree(staged, ignore_errors=True)
     try:
@@ -55,6 +58,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             save_hf_gpt2(model, staged)
         else:
             save_model(model, staged)
+        if not tokenizer.is_gpt2:
+            tokenizer.save(staged)  # jaxgpt (sample.py, eval, --init_from) reads it from either format
+            if args.format == "hf":
+                save_hf_tokenizer(tokenizer, staged, model.config.block_size)
         replace_dir(staged, dst)
     finally:
         shutil.rmtree(staged, ignore_errors=True)

@@ -33,6 +33,7 @@ import numpy as np
 from jaxgpt.chat import template as chat
 from jaxgpt.core.errors import UserError
 from jaxgpt.data import shards, sources
+from jaxgpt.tokenizer import Tokenizer
 
 CONVERSATIONS_PER_TASK = 256  # conversations sent to a tokenizer worker at a time
 SKIP_HINT = "fix the line, or pass --skip_bad to skip bad lines"
@@ -202,9 +203,9 @@ def batches(items: Iterable[Conversation], size: int = CONVERSATIONS_PER_TASK) -
         yield batch
 
 
-def encode(conversation: Conversation, block_size: int, truncate: bool) -> Encoded:
+def encode(conversation: Conversation, tokenizer: Tokenizer, block_size: int, truncate: bool) -> Encoded:
     """Renders one conversation into tokens and labels, cut to ``block_size`` tokens if ``truncate``."""
-    rendered = chat.render(conversation.messages)
+    rendered = chat.render(conversation.messages, tokenizer)
     tokens, mask = rendered.tokens, rendered.mask
     problem = None
     if len(tokens) > block_size:
@@ -219,9 +220,11 @@ def encode(conversation: Conversation, block_size: int, truncate: bool) -> Encod
     return Encoded(conversation.split, tokens.astype(np.uint16), labels, conversation.origin, problem)
 
 
-def encode_batch(conversations: list[Conversation], block_size: int, truncate: bool) -> list[Encoded]:
+def encode_batch(
+    conversations: list[Conversation], tokenizer: Tokenizer, block_size: int, truncate: bool
+) -> list[Encoded]:
     """Encodes a task of conversations (in a worker process)."""
-    return [encode(c, block_size, truncate) for c in conversations]
+    return [encode(c, tokenizer, block_size, truncate) for c in conversations]
 
 
 def accepted(encoded: Iterable[list[Encoded]], bad: BadLines) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:

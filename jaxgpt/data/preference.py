@@ -27,6 +27,7 @@ import numpy as np
 from jaxgpt.chat import template as chat
 from jaxgpt.data import shards, sources
 from jaxgpt.data.chat_source import BadLine, BadLines, Encoded, file_records
+from jaxgpt.tokenizer import Tokenizer
 
 FORMAT = "preference"
 
@@ -93,21 +94,23 @@ def pairs(input_path: str, val_fraction: float, bad: BadLines) -> tuple[Iterator
     return dealt, str(input_path)
 
 
-def completion(prompt: list[chat.Message], reply: list[chat.Message]) -> tuple[np.ndarray, np.ndarray]:
+def completion(
+    prompt: list[chat.Message], reply: list[chat.Message], tokenizer: Tokenizer
+) -> tuple[np.ndarray, np.ndarray]:
     """Tokens of prompt + reply and the labels: LOSS on the reply after ``Assistant:``, START on the first."""
-    tokens = chat.render(prompt + reply).tokens
-    prompt_len = len(chat.render(prompt, add_generation_prompt=True).tokens)
+    tokens = chat.render(prompt + reply, tokenizer).tokens
+    prompt_len = len(chat.render(prompt, tokenizer, add_generation_prompt=True).tokens)
     assert prompt_len < len(tokens), "the template renders the prompt as a prefix"
     labels = np.where(np.arange(len(tokens)) >= prompt_len, shards.LOSS, 0).astype(np.uint8)
     labels[0] |= shards.START
     return tokens, labels
 
 
-def encode_pair(pair: Pair, block_size: int, truncate: bool) -> Encoded:
+def encode_pair(pair: Pair, tokenizer: Tokenizer, block_size: int, truncate: bool) -> Encoded:
     """Chosen then rejected, each cut to ``block_size`` tokens with ``truncate`` (TRL's keep_start)."""
     halves, problem = [], None
     for name, reply in (("chosen", pair.chosen), ("rejected", pair.rejected)):
-        tokens, labels = completion(pair.prompt, reply)
+        tokens, labels = completion(pair.prompt, reply, tokenizer)
         if len(tokens) > block_size:
             if not truncate:
                 problem = f"prompt + {name} is {len(tokens)} tokens, longer than --block_size {block_size}"
@@ -119,6 +122,6 @@ def encode_pair(pair: Pair, block_size: int, truncate: bool) -> Encoded:
     return Encoded(pair.split, tokens, np.concatenate([lab for _, lab in halves]), pair.origin, problem)
 
 
-def encode_batch(items: list[Pair], block_size: int, truncate: bool) -> list[Encoded]:
+def encode_batch(items: list[Pair], tokenizer: Tokenizer, block_size: int, truncate: bool) -> list[Encoded]:
     """Encodes a task of pairs (in a worker process)."""
-    return [encode_pair(p, block_size, truncate) for p in items]
+    return [encode_pair(p, tokenizer, block_size, truncate) for p in items]

@@ -40,14 +40,16 @@ from jaxgpt.core.swap import replace_dir, staging_dir
 from jaxgpt.data import chat_source, preference, shards, sources
 from jaxgpt.data.meta import META, shard_record, write_meta
 from jaxgpt.data.sources import Piece
-from jaxgpt.tokenizer.encoding import get_tokenizer
+from jaxgpt.tokenizer import GPT2, Tokenizer, load_tokenizer
+from jaxgpt.tokenizer.encoding import RANKS_FILE, SPEC_FILE
+from jaxgpt.tokenizer.train import BPEConfig, train_on_corpus
 
 WORK_CHARS = 1 << 20  # characters per task sent to a worker process
 
 
 @dataclasses.dataclass(frozen=True)
 class PrepareConfig:
-    """Turn a text corpus (or chat conversations) into GPT-2 token shards."""
+    """Turn a text corpus (or chat conversations) into token shards (GPT-2's tokenizer or one trained for it)."""
 
     input: str | None = option(None, "a UTF-8 text file, or a folder of .txt / .jsonl files (jsonl: a 'text' field)")
     dataset: Literal["shakespeare", "openwebtext", "fineweb", "fineweb-edu", "alpaca", "dolly"] | None = option(
@@ -55,6 +57,11 @@ class PrepareConfig:
     )
     data_files: str | None = option(
         None, "with --dataset: its hub files (parquet/json) copied here, a file, glob or folder, read without a network"
+    )
+    tokenizer: str = option(
+        GPT2,
+        "gpt2, a folder holding a tokenizer (python -m jaxgpt.tokenizer train), or train:N to train one of N "
+        "tokens on the train split (saved with the shards)",
     )
     format: Literal["text", "chat", "preference"] | None = option(
         None,
@@ -81,6 +88,8 @@ class PrepareConfig:
             raise UserError(f"--shard_size must be in [1, 2**31), got {self.shard_size}")
         if self.num_proc < 0:
             raise UserError(f"--num_proc must be >= 0, got {self.num_proc}")
+        if self.train_vocab_size is None and self.tokenizer != GPT2:
+            load_tokenizer(self.tokenizer)  # a folder without a tokenizer: one line now
         if self.block_size < 2:
             raise UserError(f"--block_size must be at least 2, got {self.block_size}")
         if self.data_files is not None and self.dataset in (None, "shakespeare"):
@@ -92,6 +101,16 @@ class PrepareConfig:
             raise UserError(f"--dataset {self.dataset} is text, not chat; the chat datasets are {chat_sets}")
         if self.format == "preference" and self.input is None:
             raise UserError("--format preference reads --input (JSON lines with prompt, chosen, rejected)")
+
+    @property
+    def train_vocab_size(self) -> int | None:
+        """N of ``--tokenizer train:N`` (None for gpt2 or a folder)."""
+        if not self.tokenizer.startswith("train:"):
+            return None
+        try:
+            return BPEConfig(vocab_size=int(self.tokenizer.removeprefix("train:"))).vocab_size
+        except ValueError:
+            raise UserError(f"--tokenizer train:N needs a number of tokens, got {self.tokenizer}") from None
 
     @property
     def is_chat(self) -> bool:
@@ -123,22 +142,19 @@ def corpus_pieces(config: PrepareConfig, out_dir: Path) -> tuple[Iterator[Piece]
         documents = sources.hub_documents(config.dataset, config.data_files)
         source = config.data_files or f"hf://{repo}/{subset or ''}"
         return sources.document_pieces(documents, config.val_fraction), source, True
-    path = Path(config.input)  # type: ignore[arg-type]
-    if path.is_file():
-        return sources.single_text_pieces(path, config.val_fraction), str(path), False
-    documents = sources.folder_documents(path)
-    return sources.document_pieces(documents, config.val_fraction), str(path), True
+    pieces, eot_first = sources.path_pieces(Path(config.input), config.val_fraction)  # type: ignore[arg-type]
+    return pieces, str(config.input), eot_first
 
 
-def encode_pieces(pieces: Sequence[Piece]) -> list[tuple[str, np.ndarray]]:
-    """Tokenises pieces (in a worker process): (split, uint16 tokens), EOT first where a document starts."""
-    tokenizer = get_tokenizer()
+def encode_pieces(pieces: Sequence[Piece], tokenizer: Tokenizer) -> list[tuple[str, np.ndarray, int]]:
+    """Tokenises pieces (in a worker process): (split, uint16 tokens, UTF-8 bytes); EOT first where a document
+    starts."""
     out = []
     for piece in pieces:
         ids = tokenizer.encode(piece.text)
         if piece.starts_document:
             ids.insert(0, tokenizer.eot_id)
-        out.append((piece.split, np.asarray(ids, dtype=np.uint16)))
+        out.append((piece.split, np.asarray(ids, dtype=np.uint16), len(piece.text.encode("utf-8"))))
     return out
 
 
@@ -173,7 +189,7 @@ def bounded_imap(fn: Callable[[Any], Any], tasks: Iterable[Any], num_proc: int) 
 
     # The platform's default (fork on Linux: quick to start), but never fork once JAX's threads run here.
     context = multiprocessing.get_context("spawn" if "jax" in sys.modules else None)
-    with context.Pool(num_proc, initializer=get_tokenizer) as pool:
+    with context.Pool(num_proc) as pool:
         try:
             for result in pool.imap(fn, gated()):
                 slots.release()
@@ -229,7 +245,9 @@ class ShardWriter:
 
 def is_dataset_file(filename: str, name: str) -> bool:
     """Whether a file belongs to dataset ``name`` (replaced as a whole) rather than sitting beside it."""
-    return filename == META or any(filename.startswith(f"{name}_{split}_") for split in shards.SPLITS)
+    return filename in (META, RANKS_FILE, SPEC_FILE) or any(
+        filename.startswith(f"{name}_{split}_") for split in shards.SPLITS
+    )
 
 
 def start_clean(out_dir: Path, name: str) -> Path:
@@ -274,17 +292,32 @@ def check_not_empty(writers: dict[str, ShardWriter], val_fraction: float, source
         raise UserError(f"{source} is too short for a val split (0 tokens); give more text or a larger --val_fraction")
 
 
+def dataset_tokenizer(config: PrepareConfig, out_dir: Path, staging: Path) -> Tokenizer:
+    """GPT-2's, or the one asked for (trained on the train split, or read from a folder) saved with the shards."""
+    if config.tokenizer == GPT2:
+        return load_tokenizer()
+    if config.train_vocab_size is None:
+        load_tokenizer(config.tokenizer).save(staging)
+    else:
+        pieces = lambda: corpus_pieces(config, out_dir)[0]  # each pass reads the corpus again
+        train_on_corpus(pieces, BPEConfig(vocab_size=config.train_vocab_size), staging, config.dataset_name)
+    return load_tokenizer(str(staging))
+
+
 def prepare(config: PrepareConfig) -> dict[str, Any]:
     """Tokenises the corpus into shards in ``config.output_dir``; returns the metadata written to meta.json."""
-    get_tokenizer()  # fail early (and in one line) when the BPE ranks are missing
     out_dir, name = config.output_dir, config.dataset_name
+    if config.tokenizer == GPT2:
+        load_tokenizer()  # fail early (and in one line) when the BPE ranks are missing
     staging = start_clean(out_dir, name)
     writers = {split: ShardWriter(staging, name, split, config.shard_size) for split in shards.SPLITS}
     num_proc = config.num_proc or os.cpu_count() or 1
     bad = chat_source.BadLines(config.skip_bad)
     conversations = {split: 0 for split in shards.SPLITS}
     longest = 0  # chat: tokens of the longest conversation (what --block_size must hold)
+    text_bytes = {split: 0 for split in shards.SPLITS}  # text: UTF-8 bytes tokenised (for bits per byte)
     try:
+        tokenizer = dataset_tokenizer(config, out_dir, staging)
         if config.is_chat:
             if config.format == "preference":
                 found, source = preference.pairs(config.input, config.val_fraction, bad)  # type: ignore[arg-type]
@@ -294,18 +327,22 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
                 )
             source_module = preference if config.format == "preference" else chat_source
             encode = functools.partial(
-                source_module.encode_batch, block_size=config.block_size, truncate=config.truncate
+                source_module.encode_batch, tokenizer=tokenizer, block_size=config.block_size, truncate=config.truncate
             )
-            examples = chat_source.accepted(bounded_imap(encode, chat_source.batches(found), num_proc), bad)
+            accepted = chat_source.accepted(bounded_imap(encode, chat_source.batches(found), num_proc), bad)
+            examples = ((split, tokens, labels, 0) for split, tokens, labels in accepted)
             eot = "starts each conversation and ends each assistant turn (jaxgpt.chat)"
         else:
             pieces, source, eot_first = corpus_pieces(config, out_dir)
-            encoded = bounded_imap(encode_pieces, group_pieces(pieces), num_proc)
-            examples = ((split, tokens, None) for batch in encoded for split, tokens in batch)
+            encoded = bounded_imap(
+                functools.partial(encode_pieces, tokenizer=tokenizer), group_pieces(pieces), num_proc
+            )
+            examples = ((split, tokens, None, size) for batch in encoded for split, tokens, size in batch)
             eot = "before each document" if eot_first else "none (one document per split)"
         with tqdm(desc=f"tokenizing {name}", unit="tok", unit_scale=True, disable=None) as progress:
-            for split, tokens, labels in examples:
+            for split, tokens, labels, size in examples:
                 writers[split].add(tokens, labels)
+                text_bytes[split] += size
                 conversations[split] += 1
                 longest = max(longest, tokens.size)
                 progress.update(tokens.size)
@@ -318,9 +355,11 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     meta = {
         "name": name,
         "source": source,
-        "tokenizer": get_tokenizer().name,
-        "vocab_size": get_tokenizer().vocab_size,
-        "eot_id": get_tokenizer().eot_id,
+        "tokenizer": tokenizer.name,
+        "tokenizer_source": config.tokenizer,
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
         "eot": eot,
         "dtype": "uint16",
         "val_fraction": config.val_fraction,
@@ -328,6 +367,9 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         "splits": {s: {"tokens": w.num_tokens, "shards": len(w.paths)} for s, w in writers.items()},
         "shards": [record for writer in writers.values() for record in writer.records],
     }
+    if not config.is_chat:
+        for split, size in text_bytes.items():
+            meta["splits"][split]["bytes"] = size  # tokens / bytes turns nats per token into bits per byte
     if config.is_chat:
         meta.update(
             format=config.format or "chat", template=TEMPLATE, block_size=config.block_size, truncate=config.truncate

@@ -129,6 +129,13 @@ def document_pieces(documents: Iterable[Iterable[str]], val_fraction: float) -> 
         index += 0 if first else 1  # empty documents are skipped and not counted
 
 
+def path_pieces(path: Path, val_fraction: float) -> tuple[Iterator[Piece], bool]:
+    """A local corpus (one text file, or a folder of documents) as pieces, and whether documents start with EOT."""
+    if path.is_file():
+        return single_text_pieces(path, val_fraction), False
+    return document_pieces(folder_documents(path), val_fraction), True
+
+
 def folder_files(folder: Path) -> list[Path]:
     """The .txt and .jsonl files below ``folder``, in a fixed (sorted) order."""
     files = sorted(p for p in folder.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())

@@ -16,7 +16,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from jaxgpt.checkpoints.loading import LoadConfig, load_sharded
+from jaxgpt.checkpoints.loading import LoadConfig, load_sharded, resolve_init_from
 from jaxgpt.core import distributed
 from jaxgpt.core.cli import build, parser_for, run
 from jaxgpt.core.distributed import LaunchConfig
@@ -26,6 +26,7 @@ from jaxgpt.core.sharding import describe
 from jaxgpt.data.shards import list_shards
 from jaxgpt.eval.hellaswag import evaluate_hellaswag, load_hellaswag
 from jaxgpt.eval.loss import evaluate_loss
+from jaxgpt.tokenizer import check_same_tokenizer, tokenizer_of
 
 DOWNLOAD = ""  # the value of a bare --hellaswag: the cached download
 
@@ -73,8 +74,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError(f"--results {args.results}: directory {Path(args.results).parent} does not exist")
 
     # Check every input before the (slow) model load.
+    args = dataclasses.replace(args, init_from=resolve_init_from(args.init_from))
+    tokenizer = tokenizer_of(args.init_from)  # the one the run (or exported model) carries; else GPT-2's
     if args.val_data is not None:
         list_shards(args.val_data, "val")
+        check_same_tokenizer(tokenizer, tokenizer_of(args.val_data), f"the model {args.init_from}", args.val_data)
     items = None if args.hellaswag is None else load_hellaswag(args.hellaswag or None)
     distributed.initialize(launch)
     main_process = distributed.is_main_process()  # every process computes, process 0 reports
@@ -87,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             progress=main_process,
         )  # fmt: skip
     if items is not None:
-        results |= evaluate_hellaswag(model, items, batch_size=args.batch_size, mesh=mesh, progress=main_process)
+        hellaswag = dict(batch_size=args.batch_size, mesh=mesh, progress=main_process)
+        results |= evaluate_hellaswag(model, items, tokenizer, **hellaswag)
     if not main_process:
         return
     print(f"{args.init_from}, mesh {describe(mesh)}, {args.dtype}")

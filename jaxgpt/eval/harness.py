@@ -34,13 +34,13 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from jaxgpt.checkpoints.loading import LoadConfig, load_sharded
+from jaxgpt.checkpoints.loading import LoadConfig, load_sharded, resolve_init_from
 from jaxgpt.core.cli import build, parser_for, run
 from jaxgpt.core.errors import UserError
 from jaxgpt.core.options import option
 from jaxgpt.eval.scoring import RowScorer, score_rows
 from jaxgpt.sampling.generate import generate
-from jaxgpt.tokenizer.encoding import get_tokenizer
+from jaxgpt.tokenizer import tokenizer_of
 
 MODEL_NAME = "jaxgpt"
 DEFAULT_BATCH_SIZE = 32
@@ -91,7 +91,7 @@ class JaxGPTLM(TemplateLM):
         self.model, self.mesh = load_sharded(str(init_from), None if mesh is None else str(mesh), dtype=dtype)
         self.scorer = RowScorer(self.model, self.mesh)
         self.scorer.check_rows(self.batch_size, "batch_size")
-        self.bpe = get_tokenizer()
+        self.bpe = tokenizer_of(str(init_from))  # the one the run carries; else GPT-2's
         self.max_length = self.model.config.block_size
         self.max_gen_toks = int(max_gen_toks)
         self.key = jax.random.key(int(seed))
@@ -105,7 +105,7 @@ class JaxGPTLM(TemplateLM):
         return self.bpe.eot_id
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        """GPT-2 BPE; ``<|endoftext|>`` in the text is the special token, as in Hugging Face's tokenizer."""
+        """The model's BPE; ``<|endoftext|>`` in the text is the special token, as in Hugging Face's tokenizer."""
         return self.bpe.encode(string, allow_eot=True)
 
     def tok_decode(self, tokens: Sequence[int]) -> str:
@@ -218,6 +218,7 @@ def lm_eval_argv(config: HarnessConfig, rest: Sequence[str]) -> list[str]:
     clash = [flag for flag in rest if flag.split("=")[0] in LM_EVAL_OWN_FLAGS]
     if clash:
         raise UserError(f"{clash[0]}: the model is jaxgpt, set by --init_from, --dtype, --mesh and --max_gen_toks")
+    config = dataclasses.replace(config, init_from=resolve_init_from(config.init_from))
     if "," in config.init_from:
         raise UserError(f"--init_from {config.init_from}: lm-eval's model_args cannot hold a path with a comma")
     model_args = f"init_from={config.init_from},dtype={config.dtype},max_gen_toks={config.max_gen_toks}"

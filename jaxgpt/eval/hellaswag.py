@@ -38,7 +38,7 @@ from jaxgpt.core.errors import UserError
 from jaxgpt.core.sharding import data_axis_size
 from jaxgpt.eval.scoring import RowScorer, score_rows
 from jaxgpt.model.gpt import GPT
-from jaxgpt.tokenizer.encoding import get_tokenizer
+from jaxgpt.tokenizer import Tokenizer
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 HELLASWAG_VAL_ITEMS = 10042
@@ -149,17 +149,20 @@ def load_hellaswag(path: str | os.PathLike | None = None) -> list[HellaSwagItem]
 # ----------------------------------------------------------------------------- scoring
 
 
-def render(items: Sequence[HellaSwagItem], block_size: int) -> tuple[tuple[tuple[np.ndarray, int], ...], ...]:
+def render(
+    items: Sequence[HellaSwagItem], block_size: int, tokenizer: Tokenizer
+) -> tuple[tuple[tuple[np.ndarray, int], ...], ...]:
     """Per item, its 4 rows: (context + ending tokens, left-truncated; how many ending tokens are scored).
 
     Cached (the last two item lists), so training's periodic evaluation tokenizes only once.
     """
-    return _render(tuple(items), block_size)
+    return _render(tuple(items), block_size, tokenizer)
 
 
 @functools.lru_cache(maxsize=2)
-def _render(items: tuple[HellaSwagItem, ...], block_size: int) -> tuple[tuple[tuple[np.ndarray, int], ...], ...]:
-    tokenizer = get_tokenizer()
+def _render(
+    items: tuple[HellaSwagItem, ...], block_size: int, tokenizer: Tokenizer
+) -> tuple[tuple[tuple[np.ndarray, int], ...], ...]:
     contexts = tokenizer.encode_batch([item.ctx for item in items])
     endings = tokenizer.encode_batch([" " + ending for item in items for ending in item.endings])
     rendered = []
@@ -183,6 +186,7 @@ def default_batch_size(mesh: Mesh | None) -> int:
 def score_endings(
     model: GPT,
     items: Sequence[HellaSwagItem],
+    tokenizer: Tokenizer,
     *,
     batch_size: int | None = None,
     mesh: Mesh | None = None,
@@ -199,7 +203,7 @@ def score_endings(
         raise UserError(f"batch_size must be positive, got {batch_size}")
     scorer = RowScorer(model, mesh)
     scorer.check_rows(N_ENDINGS * batch_size, f"HellaSwag rows per batch ({N_ENDINGS} x batch_size)")
-    rows = [row for item_rows in render(items, model.config.block_size) for row in item_rows]
+    rows = [row for item_rows in render(items, model.config.block_size, tokenizer) for row in item_rows]
     tokens, n_scored = [row for row, _ in rows], [n for _, n in rows]
     scores = score_rows(scorer, tokens, n_scored, N_ENDINGS * batch_size, desc="hellaswag", progress=progress)
     sums = scores.log_likelihood.reshape(len(items), N_ENDINGS)
@@ -207,10 +211,12 @@ def score_endings(
     return EndingScores(sum_logprob=sums, mean_logprob=sums / counts, num_tokens=counts)
 
 
-def evaluate_hellaswag(model: GPT, items: Sequence[HellaSwagItem], *, progress: bool = True, **scoring: Any) -> dict:
+def evaluate_hellaswag(
+    model: GPT, items: Sequence[HellaSwagItem], tokenizer: Tokenizer, *, progress: bool = True, **scoring: Any
+) -> dict:
     """``{"acc", "acc_norm", "num_items"}``: accuracy of the summed and of the per-token log-likelihood;
     ``scoring``: :func:`score_endings`' ``batch_size`` and ``mesh``."""
-    scores = score_endings(model, items, progress=progress, **scoring)
+    scores = score_endings(model, items, tokenizer, progress=progress, **scoring)
     labels = np.asarray([item.label for item in items])
     return {
         "acc": float(np.mean(scores.sum_logprob.argmax(axis=1) == labels)),

@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jaxgpt.core.errors import UserError
+from jaxgpt.data.meta import read_meta
 from jaxgpt.data.pipeline import Conversations, TokenStream
 from jaxgpt.data.shards import list_shards
 from jaxgpt.eval.scoring import RowScorer, pack_rows
@@ -61,7 +62,7 @@ def evaluate_loss(
     mesh: Mesh | None = None,
     progress: bool = False,
 ) -> dict:
-    """Mean loss over a split's shards: ``{"val_loss", "perplexity", "num_tokens"}`` (see the module doc).
+    """Mean loss over a split's shards: ``{"val_loss", "val_bpb", "perplexity", "num_tokens"}`` (module doc).
 
     ``batch_size`` windows of ``block_size`` (default: the model's) run per step, split over
     the mesh's ``data`` axis; the model is used as placed (shard it first for tensor parallelism).
@@ -102,7 +103,20 @@ def evaluate_loss(
     bar.close()
     assert counted == num_tokens, (counted, num_tokens)
     loss = float(-total_log_likelihood / num_tokens)
-    return {"val_loss": loss, "perplexity": math.exp(loss), "num_tokens": num_tokens}
+    bpb = bits_per_byte(loss, data_dir, split)
+    return {"val_loss": loss, **bpb, "perplexity": math.exp(loss), "num_tokens": num_tokens}
+
+
+def bits_per_byte(loss: float, data_dir: str | os.PathLike, split: str = "val") -> dict[str, float]:
+    """``{"val_bpb"}``: nats per token / ln 2 x the split's tokens per byte (as nanochat), when prepare counted
+    the split's UTF-8 bytes in meta.json; ``{}`` for data without (older, or chat: scored by its mask)."""
+    try:
+        counts = read_meta(data_dir)["splits"][split]
+    except (UserError, KeyError, TypeError):
+        return {}
+    if not counts.get("bytes"):
+        return {}
+    return {"val_bpb": loss / math.log(2) * counts["tokens"] / counts["bytes"]}
 
 
 def conversation_loss(

@@ -36,7 +36,9 @@ from jaxgpt.core.sharding import DATA, accumulated_batch_sharding, check_batch_d
 from jaxgpt.model.gpt import resolve_attention
 from jaxgpt.plan.hardware import Target, get_target, target_devices
 from jaxgpt.plan.hlo_cost import program_cost
+from jaxgpt.tokenizer import tokenizer_of
 from jaxgpt.train.config import RunConfig, parse_run_config
+from jaxgpt.train.run_tokenizer import with_vocab
 from jaxgpt.train.step import TrainStep, build_step
 
 GiB = 2**30
@@ -255,6 +257,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     config = build(PlanConfig, plan_args)
     run_config = parse_run_config(train_argv)
+    vocab = with_vocab(
+        run_config.model_config, tokenizer_of(run_config.train_config.data_dir), "vocab_size" in run_config.model_flags
+    )
+    run_config = dataclasses.replace(run_config, model_config=vocab)  # the data's tokenizer, as train.py takes it
     target = get_target(config.target, config.num_slices)
     devices = target_devices(target, config.num_devices)
     try:

@@ -22,14 +22,16 @@ from tqdm.auto import tqdm
 
 from jaxgpt.checkpoints.checkpointer import Checkpointer
 from jaxgpt.checkpoints.loading import load_model
-from jaxgpt.checkpoints.run_dir import MetricsWriter, RunLock, make_run_dir, write_run_file
+from jaxgpt.checkpoints.run_dir import MetricsWriter, RunLock, make_run_dir, update_run_file, write_run_file
 from jaxgpt.core import cli
 from jaxgpt.core.errors import UserError
 from jaxgpt.core.options import option
 from jaxgpt.core.sharding import accumulated_batch_sharding, check_batch_divisible, make_mesh
 from jaxgpt.rl.grpo import GRPO, pass_at_1, rollout
 from jaxgpt.rl.rewards import hub_prompts, load_reward, read_prompts
+from jaxgpt.tokenizer import tokenizer_of
 from jaxgpt.train.config import TrainConfig
+from jaxgpt.train.run_tokenizer import save_run_tokenizer
 from jaxgpt.train.step import build_step
 
 
@@ -125,18 +127,19 @@ def run_grpo(cfg: GRPOConfig) -> dict[str, Any]:
     reward = load_reward(cfg.reward)
     make_run_dir(cfg.out_dir)
     with RunLock(cfg.out_dir):
-        start = load_model(cfg.init_from, dropout=0.0)
+        start, tokenizer = load_model(cfg.init_from, dropout=0.0), tokenizer_of(cfg.init_from)
         step = build_step(
             start.config, train_cfg, mesh, objective=GRPO(cfg.epsilon, cfg.kl_coef), reference=cfg.kl_coef > 0
         )
         checkpointer = Checkpointer(cfg.out_dir, keep_last=3)
         try:
-            return _loop(cfg, train_cfg, step, step.codec.to_host(start), checkpointer, records, held_out, reward)
+            host = step.codec.to_host(start)
+            return _loop(cfg, train_cfg, step, host, tokenizer, checkpointer, records, held_out, reward)
         finally:
             checkpointer.close()
 
 
-def _loop(cfg, train_cfg, step, host, checkpointer, records, held_out, reward) -> dict[str, Any]:
+def _loop(cfg, train_cfg, step, host, tokenizer, checkpointer, records, held_out, reward) -> dict[str, Any]:
     codec, mesh = step.codec, step.runtime.mesh
     latest = checkpointer.latest_step()
     if latest is not None:
@@ -147,6 +150,7 @@ def _loop(cfg, train_cfg, step, host, checkpointer, records, held_out, reward) -
     step_fn = step.fn if reference is None else step.with_reference(reference).fn
     meta = {"model": codec.config.to_dict(), "train": {**train_cfg.to_dict(), "grpo": dataclasses.asdict(cfg)}}
     write_run_file(cfg.out_dir, codec.config, meta["train"])
+    update_run_file(cfg.out_dir, tokenizer=save_run_tokenizer(cfg.out_dir, tokenizer))  # the run is self-contained
     writer = MetricsWriter(cfg.out_dir)
     first = int(state.step)
     writer.truncate_after(first)
@@ -156,7 +160,7 @@ def _loop(cfg, train_cfg, step, host, checkpointer, records, held_out, reward) -
         if not held_out:
             return {}
         model = codec.to_model(state.params)
-        return {"pass@1": pass_at_1(model, held_out, reward, cfg.max_new_tokens, batch_rows, mesh)}
+        return {"pass@1": pass_at_1(model, held_out, reward, tokenizer, cfg.max_new_tokens, batch_rows, mesh)}
 
     if latest is None and held_out:
         initial = evaluate()
@@ -171,7 +175,7 @@ def _loop(cfg, train_cfg, step, host, checkpointer, records, held_out, reward) -
         prompts = step_prompts(records, cfg, index)
         sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, key=key)
         sampling["mesh"] = mesh
-        samples = rollout(model, prompts, reward, group_size=cfg.group_size, **sampling)
+        samples = rollout(model, prompts, reward, tokenizer, group_size=cfg.group_size, **sampling)
         batch = samples.batch(codec.config.block_size, cfg.grad_accum)
         sharding = accumulated_batch_sharding(mesh)
         batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

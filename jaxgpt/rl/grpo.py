@@ -27,7 +27,7 @@ from jaxgpt.model.gpt import GPT
 from jaxgpt.model.losses import model_weighted_nll
 from jaxgpt.rl.rewards import Reward, prompt_messages
 from jaxgpt.sampling.generate import generate
-from jaxgpt.tokenizer import EOT_ID, get_tokenizer
+from jaxgpt.tokenizer import Tokenizer
 from jaxgpt.train.step import Batch
 
 ADVANTAGE_EPS = 1e-4  # TRL's: (r - mean) / (std + 1e-4)
@@ -79,18 +79,18 @@ def token_log_probs(model: GPT, micro: Batch, runtime: Runtime | None = None) ->
     return -model_weighted_nll(model, micro["inputs"], micro["targets"], ones, None, runtime, axis=())
 
 
-def prompt_tokens(records: Sequence[dict[str, Any]]) -> list[list[int]]:
+def prompt_tokens(records: Sequence[dict[str, Any]], tokenizer: Tokenizer) -> list[list[int]]:
     """Each record's conversation rendered up to ``Assistant:``: what the policy continues."""
     return [
-        chat.render(prompt_messages(r, f"prompt {i}"), add_generation_prompt=True).tokens.tolist()
+        chat.render(prompt_messages(r, f"prompt {i}"), tokenizer, add_generation_prompt=True).tokens.tolist()
         for i, r in enumerate(records)
     ]
 
 
-def completion_text(tokens: Sequence[int]) -> str:
+def completion_text(tokens: Sequence[int], tokenizer: Tokenizer) -> str:
     """A completion's text: up to (not including) the EOT that ends the assistant's turn."""
-    tokens = list(tokens)
-    return get_tokenizer().decode(tokens[: tokens.index(EOT_ID)] if EOT_ID in tokens else tokens)
+    tokens, eot = list(tokens), tokenizer.eot_id
+    return tokenizer.decode(tokens[: tokens.index(eot)] if eot in tokens else tokens)
 
 
 @dataclasses.dataclass
@@ -126,6 +126,7 @@ def rollout(
     model: GPT,
     records: Sequence[dict[str, Any]],
     reward: Reward,
+    tokenizer: Tokenizer,
     *,
     group_size: int,
     max_new_tokens: int,
@@ -135,20 +136,32 @@ def rollout(
     mesh=None,
 ) -> Rollout:
     """Samples ``group_size`` completions of every record and scores them."""
-    prompts = [p for p in prompt_tokens(records) for _ in range(group_size)]
-    completions = generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, key=key, mesh=mesh)
-    scores = [float(reward(records[i // group_size], completion_text(c))) for i, c in enumerate(completions)]
+    prompts = [p for p in prompt_tokens(records, tokenizer) for _ in range(group_size)]
+    completions = generate(
+        model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, key=key, mesh=mesh,
+        eot_id=tokenizer.eot_id,
+    )  # fmt: skip
+    texts = [completion_text(c, tokenizer) for c in completions]
+    scores = [float(reward(records[i // group_size], text)) for i, text in enumerate(texts)]
     rewards = np.asarray(scores, np.float32).reshape(len(records), group_size)
     return Rollout(prompts, completions, rewards, group_advantages(rewards))
 
 
 def pass_at_1(
-    model: GPT, records: Sequence[dict[str, Any]], reward: Reward, max_new_tokens: int, batch_size: int, mesh=None
+    model: GPT,
+    records: Sequence[dict[str, Any]],
+    reward: Reward,
+    tokenizer: Tokenizer,
+    max_new_tokens: int,
+    batch_size: int,
+    mesh=None,
 ) -> float:
     """Share of records whose greedy completion earns reward 1 (held-out pass@1)."""
     passed = 0
     for first in range(0, len(records), batch_size):
         chunk = records[first : first + batch_size]
-        completions = generate(model, prompt_tokens(chunk), max_new_tokens, temperature=0.0, mesh=mesh)
-        passed += sum(reward(r, completion_text(c)) >= 1.0 for r, c in zip(chunk, completions, strict=True))
+        prompts = prompt_tokens(chunk, tokenizer)
+        completions = generate(model, prompts, max_new_tokens, temperature=0.0, mesh=mesh, eot_id=tokenizer.eot_id)
+        texts = [completion_text(c, tokenizer) for c in completions]
+        passed += sum(reward(r, text) >= 1.0 for r, text in zip(chunk, texts, strict=True))
     return passed / len(records)

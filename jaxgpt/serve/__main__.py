@@ -24,7 +24,9 @@ from jaxgpt.model.config import DType
 class ServeConfig:
     """Serve a jaxgpt model over vLLM's OpenAI-compatible API, with a chat page at /."""
 
-    init_from: str = option("gpt2", "a training out_dir, a Hugging Face GPT-2 directory, or a hub id (online)")
+    init_from: str | None = option(
+        None, "a training out_dir, a Hugging Face GPT-2 directory, or a hub id (default: the newest run under out/)"
+    )
     host: str = option("127.0.0.1", "address to listen on (the default: this machine only)")
     port: int = option(8000, "port to listen on")
     mesh: str | None = option(None, "device mesh DxM (data x model), e.g. 4x2; none: one device")
@@ -49,19 +51,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = parse(ServeConfig, argv, prog="python -m jaxgpt.serve")
     import uvicorn
 
-    from jaxgpt.checkpoints.loading import load_model
+    from jaxgpt.checkpoints.loading import load_model, resolve_init_from
     from jaxgpt.core.sharding import make_mesh, shard_model
-    from jaxgpt.serve.app import create_app
+    from jaxgpt.serve.app import create_app, uvicorn_config
     from jaxgpt.serve.engine import Engine
+    from jaxgpt.tokenizer import tokenizer_of
 
+    config = dataclasses.replace(config, init_from=resolve_init_from(config.init_from))
     mesh = make_mesh(config.mesh) if config.mesh else None
     model = load_model(config.init_from, dtype=config.dtype)
     if mesh is not None:
         shard_model(model, mesh)
-    engine = Engine(model, config.max_batch, config.max_queue, config.max_model_len, mesh).start(config.warmup)
+    tokenizer = tokenizer_of(config.init_from)  # the one the run (or exported model) carries; else GPT-2's
+    engine = Engine(model, tokenizer, config.max_batch, config.max_queue, config.max_model_len, mesh)
+    engine.start(config.warmup)
     name = config.served_model_name or config.init_from
     app = create_app(engine, name, config.init_from, config.api_key)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, config.host, config.port))
     print(
         f"serving {name} on http://{config.host}:{config.port} ({config.max_batch} slots)", file=sys.stderr, flush=True
     )

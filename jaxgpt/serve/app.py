@@ -24,10 +24,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxgpt.serve import protocol as p
 from jaxgpt.serve.engine import Engine, GenerationRequest, QueueFullError, TokenLogprob, Update
-from jaxgpt.tokenizer.encoding import EOT_ID, get_tokenizer
 
 MAX_BODY_BYTES = 1 << 20  # 413 past this
 RETRY_AFTER_S = 1
+# Longer than clients keep idle connections (httpx: 5 s), so a client never reuses one the server just closed.
+KEEP_ALIVE_S = 30
 PAGE = Path(__file__).with_name("static") / "chat.html"
 OPEN_PATHS = ("/health", "/")  # without --api_key's bearer token: the page itself holds no data
 
@@ -116,7 +117,7 @@ def create_app(engine: Engine, model_name: str, root: str, api_key: str | None =
     app = FastAPI(title="jaxgpt", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BearerAuth, api_key=api_key)
     created = int(time.time())
-    max_n = engine.max_batch
+    max_n, tokenizer = engine.max_batch, engine.tokenizer
 
     @app.exception_handler(p.ApiError)
     async def api_error(_: Request, err: p.ApiError) -> JSONResponse:
@@ -147,7 +148,7 @@ def create_app(engine: Engine, model_name: str, root: str, api_key: str | None =
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict:
-        return {"tokenizer_class": "tiktoken r50k_base (GPT-2)", "eos_token": "<|endoftext|>",
+        return {"tokenizer_class": f"tiktoken {tokenizer.describe()}", "eos_token": "<|endoftext|>",
                 "bos_token": "<|endoftext|>", "pad_token": None, "model_max_length": engine.max_len}  # fmt: skip
 
     @app.post("/tokenize")
@@ -155,27 +156,29 @@ def create_app(engine: Engine, model_name: str, root: str, api_key: str | None =
         body = await read_json(request)
         if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
             raise p.ApiError(400, "prompt: give the text to tokenize", "prompt")
-        tokens = get_tokenizer().encode(body["prompt"], allow_eot=True)
+        tokens = tokenizer.encode(body["prompt"], allow_eot=True)
         return {"count": len(tokens), "max_model_len": engine.max_len, "tokens": tokens}
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict:
         body = await read_json(request)
         tokens = body.get("tokens") if isinstance(body, dict) else None
-        if not isinstance(tokens, list) or not all(isinstance(t, int) and 0 <= t <= EOT_ID for t in tokens):
+        if not isinstance(tokens, list) or not all(
+            isinstance(t, int) and 0 <= t < tokenizer.vocab_size for t in tokens
+        ):
             raise p.ApiError(400, "tokens: give a list of token ids", "tokens")
-        return {"prompt": get_tokenizer().decode(tokens)}
+        return {"prompt": tokenizer.decode(tokens)}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = p.parse(p.CompletionRequest, await read_json(request))
         check_model(body.model)
-        prompts = p.prompts_of(body)
+        prompts = p.prompts_of(body, tokenizer)
         requests = p.generation_requests(body, prompts, engine.max_len, max_n, body.logprobs, 16)
         choices = Choices(engine, requests)
         request_id, name = p.new_id("cmpl"), body.model or model_name
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        prompt_text = [get_tokenizer().decode(prompts[i // body.n]) for i in range(len(requests))]
+        prompt_text = [tokenizer.decode(prompts[i // body.n]) for i in range(len(requests))]
         if body.stream:
 
             async def events() -> AsyncIterator[str]:
@@ -187,7 +190,9 @@ def create_app(engine: Engine, model_name: str, root: str, api_key: str | None =
                     if body.echo and index not in echoed:
                         text, _ = prompt_text[index] + text, echoed.add(index)
                     logprobs = (
-                        p.completion_logprobs(update.logprobs, update.tokens) if body.logprobs is not None else None
+                        p.completion_logprobs(tokenizer, update.logprobs, update.tokens)
+                        if body.logprobs is not None
+                        else None
                     )
                     choice = {"index": index, "text": text, "logprobs": logprobs,
                               "finish_reason": update.finish_reason, "stop_reason": None}  # fmt: skip
@@ -214,7 +219,7 @@ def create_app(engine: Engine, model_name: str, root: str, api_key: str | None =
                 if body.echo:
                     entries = await run_in_threadpool(engine.score, prompt, body.logprobs) + entries
                     tokens = prompt + tokens
-                logprobs = p.completion_logprobs(entries, tokens)
+                logprobs = p.completion_logprobs(tokenizer, entries, tokens)
             text = (prompt_text[index] if body.echo else "") + result.text
             out.append({"index": index, "text": text, "logprobs": logprobs,
                         "finish_reason": result.finish_reason, "stop_reason": None})  # fmt: skip
@@ -226,7 +231,7 @@ def create_app(engine: Engine, model_name: str, root: str, api_key: str | None =
     async def chat_completions(request: Request):
         body = p.parse(p.ChatCompletionRequest, await read_json(request))
         check_model(body.model)
-        prompt = p.chat_prompt(body)
+        prompt = p.chat_prompt(body, tokenizer)
         if body.max_completion_tokens is not None:
             body = body.model_copy(update={"max_tokens": body.max_completion_tokens})
         top = (body.top_logprobs or 0) if body.logprobs else None
@@ -253,7 +258,7 @@ def create_app(engine: Engine, model_name: str, root: str, api_key: str | None =
                     if index not in started and text:
                         text, _ = text.removeprefix(" "), started.add(index)
                     delta = {"content": text} if text else {}
-                    logprobs = p.chat_logprobs(update.logprobs) if body.logprobs else None
+                    logprobs = p.chat_logprobs(tokenizer, update.logprobs) if body.logprobs else None
                     choice = {
                         "index": index,
                         "delta": delta,
@@ -270,7 +275,8 @@ def create_app(engine: Engine, model_name: str, root: str, api_key: str | None =
         results = await collect(choices, len(requests))
         out = [
             {"index": i, "message": {"role": "assistant", "content": r.text.removeprefix(" ")},
-             "logprobs": p.chat_logprobs(r.logprobs) if body.logprobs else None, "finish_reason": r.finish_reason}
+             "logprobs": p.chat_logprobs(tokenizer, r.logprobs) if body.logprobs else None,
+             "finish_reason": r.finish_reason}
             for i, r in enumerate(results)
         ]  # fmt: skip
         completion_tokens = sum(len(r.tokens) for r in results)
@@ -307,12 +313,18 @@ def stream_response(events: AsyncIterator[str], choices: Choices) -> StreamingRe
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+def uvicorn_config(app: FastAPI, host: str, port: int):
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S)
+
+
 @contextlib.contextmanager
 def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     """uvicorn serving ``app`` on a thread (port 0: a free one) for tests and benchmarks; yields the base URL."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, host, port))
     thread = threading.Thread(target=server.run, name="jaxgpt-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

@@ -104,7 +104,7 @@ class Compiled(NamedTuple):
 
 @functools.lru_cache(maxsize=4)
 def compiled(graphdef: nnx.GraphDef, treedef: jax.tree_util.PyTreeDef) -> Compiled:
-    """The jitted prefill (one compilation per prompt bucket), decode step (one) and prompt scoring.
+    """The jitted prefill (one compilation per prompt bucket), decode step (one per row bucket), prompt scoring.
 
     Parameters come as a flat list of leaves (see ``jaxgpt.sampling.generate._compiled`` for why); the
     cache and the batch's current tokens are donated and updated in place.
@@ -129,13 +129,25 @@ def compiled(graphdef: nnx.GraphDef, treedef: jax.tree_util.PyTreeDef) -> Compil
         picked = pick(logits[:, 0], jax.tree.map(lambda x: jnp.reshape(x, (1,)), rules))
         return cache, tokens.at[row].set(picked.token[0]), picked
 
-    def step(leaves, cache, tokens, index, rules):
-        """Every row's token at its own slot ``index`` [B]; returns the cache and each row's next token."""
+    def step(leaves, cache, tokens, index, rules, rows):
+        """The first ``rows`` rows' tokens at their own slots ``index``; returns the cache and their next tokens.
+
+        ``rows`` (static: one compilation per bucket) lets a few requests run as a small batch: the engine
+        fills the lowest free slot first, and a step's cost grows with its rows.
+        """
         model = merge(leaves)
-        key_mask = jnp.ones((tokens.shape[0], cache[0].value.shape[2]), bool)  # slots past a row's index are hidden
-        logits, cache = decode(model, tokens[:, None], cache, index, index[:, None], key_mask)
-        picked = pick(logits[:, 0], rules)
-        return cache, picked.token, picked
+        part = [KVCache(c.key[:rows], c.value[:rows]) for c in cache]
+        key_mask = jnp.ones((rows, cache[0].value.shape[2]), bool)  # slots past a row's index are hidden
+        index = index[:rows]
+        logits, part = decode(model, tokens[:rows, None], part, index, index[:, None], key_mask)
+        picked = pick(logits[:, 0], jax.tree.map(lambda x: x[:rows], rules))
+        zero = jnp.zeros((), jnp.int32)
+        cache = [
+            KVCache(jax.lax.dynamic_update_slice(c.key, p.key, (zero,) * 4),
+                    jax.lax.dynamic_update_slice(c.value, p.value, (zero,) * 4))
+            for c, p in zip(cache, part, strict=True)
+        ]  # fmt: skip
+        return cache, tokens.at[:rows].set(picked.token), picked
 
     def score(leaves, prompt):
         """Log-probabilities of a prompt [1, P]'s tokens after their predecessors, and the top alternatives."""
@@ -147,7 +159,7 @@ def compiled(graphdef: nnx.GraphDef, treedef: jax.tree_util.PyTreeDef) -> Compil
     options = CPU_DECODE_OPTIONS if jax.default_backend() == "cpu" else None
     return Compiled(
         jax.jit(prefill, donate_argnums=(1, 2), compiler_options=options),
-        jax.jit(step, donate_argnums=(1, 2), compiler_options=options),
+        jax.jit(step, donate_argnums=(1, 2), static_argnames="rows", compiler_options=options),
         jax.jit(score),
     )
 

@@ -23,13 +23,13 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxgpt.core.errors import UserError
-from jaxgpt.core.sharding import data_axis_size, kv_cache_sharding
+from jaxgpt.core.sharding import data_axis_size, kv_cache_sharding, replicated
 from jaxgpt.model.decoding import init_cache
 from jaxgpt.model.gpt import GPT
 from jaxgpt.sampling.generate import bucket_cache_len, bucket_prompt_len
 from jaxgpt.serve.device import Picked, RowRules, model_leaves
 from jaxgpt.serve.text import TextTracker
-from jaxgpt.tokenizer.encoding import EOT_ID
+from jaxgpt.tokenizer import Tokenizer
 
 
 class QueueFullError(Exception):
@@ -69,9 +69,11 @@ class Update:
 class Ticket:
     """A submitted request: the engine's bookkeeping, and the handle ``Engine.cancel`` takes."""
 
-    def __init__(self, request: GenerationRequest, sink: Callable[[Update], None], seed: int) -> None:
+    def __init__(
+        self, request: GenerationRequest, sink: Callable[[Update], None], seed: int, tokenizer: Tokenizer
+    ) -> None:
         self.request, self.sink, self.seed = request, sink, seed
-        self.text = TextTracker(request.stop)
+        self.text = TextTracker(tokenizer, request.stop)
         self.generated = 0  # tokens read back
         self.dispatched = 0  # tokens the device has been asked for
         self.slot: int | None = None
@@ -83,20 +85,33 @@ class Engine:
     """The batching engine; ``start()`` its thread, ``submit`` requests, ``stop()`` to finish (drains)."""
 
     def __init__(
-        self, model: GPT, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None, mesh: Mesh | None = None
+        self,
+        model: GPT,
+        tokenizer: Tokenizer,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        max_len: int | None = None,
+        mesh: Mesh | None = None,
     ) -> None:
         config = model.config
+        self.tokenizer = tokenizer  # the model's: its end-of-text ends a request, its bytes make the text
         self.max_len = min(max_len or config.block_size, config.block_size)  # prompt + new tokens
         if max_batch < 1 or (mesh is not None and max_batch % data_axis_size(mesh)):
             raise UserError(f"max_batch {max_batch} must be positive (and a multiple of the mesh's data axis)")
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
         self.leaves, self.fns = model_leaves(model)
         self.buckets = sorted({min(bucket_prompt_len(n), self.max_len) for n in range(1, self.max_len)})
+        # A step runs the first k slots, k a power of two (or all of them): a lone request decodes as a batch of 1.
+        self.row_buckets = (
+            [max_batch]
+            if mesh is not None
+            else sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
+        )
         cache_len = bucket_cache_len(self.max_len)
         sharding = None if mesh is None else kv_cache_sharding(mesh, config.n_head)
         shapes = jax.eval_shape(lambda: init_cache(config, max_batch, cache_len))
         self.cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=sharding), shapes)
-        self.tokens = jnp.zeros(max_batch, jnp.int32)
+        self.tokens = jnp.zeros(max_batch, jnp.int32, device=None if mesh is None else replicated(mesh))
         self.index = np.zeros(max_batch, np.int32)  # each row's next slot (= position)
         self.rules = RowRules(
             np.zeros(max_batch, np.float32), np.zeros(max_batch, np.int32), np.ones(max_batch, np.float32),
@@ -121,7 +136,7 @@ class Engine:
         """Queues ``request``; ``sink`` gets its updates. QueueFullError past ``max_queue`` beyond free slots."""
         assert len(request.prompt) >= 1 and len(request.prompt) + request.max_tokens <= self.max_len, request
         seed = random.getrandbits(32) if request.seed is None else request.seed % 2**32
-        ticket = Ticket(request, sink, seed)
+        ticket = Ticket(request, sink, seed, self.tokenizer)
         with self.wake:
             if self.stopping:
                 raise QueueFullError("the server is shutting down")
@@ -166,7 +181,7 @@ class Engine:
             return {"running": busy, "waiting": len(self.waiting), "free_slots": self.max_batch - busy}
 
     def compilations(self) -> dict[str, int]:
-        """Executables held by each compiled function: one per prefill bucket, one decode step."""
+        """Executables held by each compiled function: one per prefill bucket, one decode step per row bucket."""
         return {name: fn._cache_size() for name, fn in self.fns._asdict().items()}
 
     # ------------------------------------------------------------------ the engine's thread
@@ -175,7 +190,8 @@ class Engine:
         """Compiles the decode step and every prefill bucket before the first request waits on them."""
         for p in self.buckets:
             self._prefill(0, np.zeros(p, np.int32), p)
-        self._step()
+        for rows in self.row_buckets:
+            self._step(np.zeros(rows, bool))
         jax.block_until_ready(self.tokens)
 
     def _run(self) -> None:
@@ -198,8 +214,10 @@ class Engine:
                 runnable = [t is not None and t.dispatched < t.request.max_tokens for t in self.slots]
                 newest = 0
                 if any(runnable):
-                    rows = [t if run else None for t, run in zip(self.slots, runnable, strict=True)]
-                    inflight.append((self._step(np.array(runnable)), rows))
+                    last = max(i for i, run in enumerate(runnable) if run)
+                    k = next(b for b in self.row_buckets if b > last)
+                    rows = [t if run else None for t, run in zip(self.slots[:k], runnable[:k], strict=True)]
+                    inflight.append((self._step(np.array(runnable[:k])), rows))
                     newest = 1
                 while len(inflight) > newest:  # read what is done while the newest step runs
                     self._read(*inflight.popleft())
@@ -246,15 +264,16 @@ class Engine:
         )
         return picked
 
-    def _step(self, runnable: np.ndarray | None = None) -> Picked:
+    def _step(self, runnable: np.ndarray) -> Picked:
+        """A decode step over the first ``len(runnable)`` slots; the runnable ones advance."""
         rules = self.rules._replace(count=self.rules.count.copy())
-        self.cache, self.tokens, picked = self.fns.step(self.leaves, self.cache, self.tokens, self.index.copy(), rules)
-        if runnable is not None:
-            for slot in np.flatnonzero(runnable):
-                ticket = self.slots[slot]
-                ticket.dispatched += 1
-                self.index[slot] += 1
-                self.rules.count[slot] += 1
+        self.cache, self.tokens, picked = self.fns.step(
+            self.leaves, self.cache, self.tokens, self.index.copy(), rules, rows=len(runnable)
+        )
+        for slot in np.flatnonzero(runnable):
+            self.slots[slot].dispatched += 1
+            self.index[slot] += 1
+            self.rules.count[slot] += 1
         return picked
 
     def _read(self, picked: Picked, rows: list[Ticket | None]) -> None:
@@ -272,7 +291,7 @@ class Engine:
                 logprobs = (TokenLogprob(token, float(host.logprob[slot]), top),)
             ticket.text.add([token])
             reason = None
-            if ticket.text.stopped or (token == EOT_ID and not ticket.request.ignore_eos):
+            if ticket.text.stopped or (token == self.tokenizer.eot_id and not ticket.request.ignore_eos):
                 reason = "stop"
             elif ticket.generated >= ticket.request.max_tokens:
                 reason = "length"

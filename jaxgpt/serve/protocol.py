@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from jaxgpt.chat.template import ChatError, render
 from jaxgpt.serve.device import TOP_LOGPROBS
 from jaxgpt.serve.engine import GenerationRequest, TokenLogprob
-from jaxgpt.tokenizer.encoding import EOT_ID, VOCAB_SIZE, get_tokenizer
+from jaxgpt.tokenizer import Tokenizer
 
 ERROR_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
@@ -98,27 +98,28 @@ def _check(ok: bool, message: str, param: str) -> None:
         raise ApiError(400, message, param)
 
 
-def prompts_of(request: CompletionRequest) -> list[list[int]]:
-    """The token ids of each prompt; text is GPT-2 BPE (``<|endoftext|>`` allowed), empty starts from it."""
+def prompts_of(request: CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:
+    """The token ids of each prompt; text is encoded by the model's tokenizer (``<|endoftext|>`` allowed),
+    an empty prompt starts from end-of-text."""
     prompt = request.prompt
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
     _check(len(prompt) > 0, "prompt: give at least one prompt", "prompt")
-    encode = get_tokenizer().encode
+    encode, vocab = tokenizer.encode, tokenizer.vocab_size
     out = [encode(p, allow_eot=True) if isinstance(p, str) else list(p) for p in prompt]
-    bad = sorted({t for p in out for t in p if not 0 <= t < VOCAB_SIZE})
-    _check(not bad, f"prompt: token ids outside the vocabulary [0, {VOCAB_SIZE}): {bad[:5]}", "prompt")
-    return [p or [EOT_ID] for p in out]
+    bad = sorted({t for p in out for t in p if not 0 <= t < vocab})
+    _check(not bad, f"prompt: token ids outside the vocabulary [0, {vocab}): {bad[:5]}", "prompt")
+    return [p or [tokenizer.eot_id] for p in out]
 
 
-def chat_prompt(request: ChatCompletionRequest) -> list[int]:
+def chat_prompt(request: ChatCompletionRequest, tokenizer: Tokenizer) -> list[int]:
     """The conversation rendered by jaxgpt's chat template, ending with the assistant's turn."""
     messages = [
         {"role": m.role, "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
         for m in request.messages
     ]
     try:
-        return render(messages, add_generation_prompt=True).tokens.tolist()
+        return render(messages, tokenizer, add_generation_prompt=True).tokens.tolist()
     except ChatError as err:
         raise ApiError(400, f"messages: {err}", "messages") from None
 
@@ -178,18 +179,19 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
 
 
-def token_text(token: int) -> str:
-    return get_tokenizer().decode([token])
+def token_text(tokenizer: Tokenizer, token: int) -> str:
+    """One token's text, as OpenAI's logprobs list it (a split character shows as its replacement)."""
+    return tokenizer.decode([token])
 
 
 def completion_logprobs(
-    entries: Sequence[TokenLogprob | None], tokens: Sequence[int], offset: int = 0
+    tokenizer: Tokenizer, entries: Sequence[TokenLogprob | None], tokens: Sequence[int], offset: int = 0
 ) -> dict[str, list]:
     """OpenAI's completions ``logprobs``: tokens, their log-probabilities, top alternatives, text offsets.
 
     An entry of None (the first prompt token when echoed: nothing predicts it) gives nulls.
     """
-    texts = [token_text(t) for t in tokens]
+    texts = [token_text(tokenizer, t) for t in tokens]
     offsets, at = [], offset
     for text in texts:
         offsets.append(at)
@@ -197,16 +199,17 @@ def completion_logprobs(
     return {
         "tokens": texts,
         "token_logprobs": [None if e is None else e.logprob for e in entries],
-        "top_logprobs": [None if e is None else {token_text(t): lp for t, lp in e.top} for e in entries],
+        "top_logprobs": [None if e is None else {token_text(tokenizer, t): lp for t, lp in e.top} for e in entries],
         "text_offset": offsets,
     }
 
 
-def chat_logprobs(entries: Sequence[TokenLogprob]) -> dict[str, list]:
+def chat_logprobs(tokenizer: Tokenizer, entries: Sequence[TokenLogprob]) -> dict[str, list]:
     """OpenAI's chat ``logprobs``: per token its text, log-probability, bytes and top alternatives."""
 
     def one(token: int, logprob: float) -> dict[str, Any]:
-        return {"token": token_text(token), "logprob": logprob, "bytes": list(get_tokenizer().decode_bytes([token]))}
+        text, raw = token_text(tokenizer, token), list(tokenizer.decode_bytes([token]))
+        return {"token": text, "logprob": logprob, "bytes": raw}
 
     return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries]}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import codecs
 from collections.abc import Sequence
 
-from jaxgpt.tokenizer.encoding import EOT_ID, get_tokenizer
+from jaxgpt.tokenizer import Tokenizer
 
 
 class TextTracker:
@@ -15,7 +15,8 @@ class TextTracker:
     string is held back until it is known not to be. The end-of-text token adds no text.
     """
 
-    def __init__(self, stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -26,7 +27,7 @@ class TextTracker:
     def add(self, tokens: Sequence[int]) -> None:
         if self.stopped:
             return
-        raw = get_tokenizer().decode_bytes([t for t in tokens if t != EOT_ID])
+        raw = self.tokenizer.decode_bytes([t for t in tokens if t != self.tokenizer.eot_id])
         searched_from = max(0, len(self.text) - self.hold)
         self.text += self._utf8.decode(raw)
         for stop in self.stop:

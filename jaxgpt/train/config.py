@@ -140,11 +140,17 @@ _SHAKESPEARE = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout
 # Each preset: its TrainConfig fields (by topic: data and batch; optimizer; schedule; evaluation and saving) and
 # its GPTConfig. Numbers follow the recipe named in the comment. Every preset writes to out/<its name>.
 _RECIPES: dict[str, tuple[dict[str, Any], GPTConfig]] = {
-    # A small GPT that learns tiny Shakespeare on a laptop CPU in a few minutes (nanoGPT's CPU recipe).
-    "shakespeare": (dict(), _SHAKESPEARE),
+    # The Quick start: the modern recipe below on tiny Shakespeare with its own 4,096-token BPE (prepare
+    # --tokenizer train:4096): the head is 12x smaller than GPT-2's, so a 2-core CPU spends its steps on the model.
+    "shakespeare": (
+        dict(optimizer="muon", muon_lr=3e-3, lr=3e-3, max_steps=750, eval_interval=250, save_interval=250),
+        _SHAKESPEARE.replace(**_MODERN, tie_embeddings=False, logit_softcap=30.0, vocab_size=4096),
+    ),
+    # The Quick start before issue 21 (GPT-2's tokenizer, nanoGPT's CPU recipe), on data prepared with --tokenizer gpt2.
+    "shakespeare-gpt2": (dict(data_dir="data/shakespeare-gpt2"), _SHAKESPEARE),
     # The same model size, steps and tokens with the modern recipe (bench/bench_recipes.py compares the two).
     "shakespeare-modern": (
-        dict(optimizer="muon", muon_lr=3e-3, lr=3e-3),
+        dict(data_dir="data/shakespeare-gpt2", optimizer="muon", muon_lr=3e-3, lr=3e-3),
         _SHAKESPEARE.replace(**_MODERN, tie_embeddings=False, logit_softcap=30.0),
     ),
     # llm.c / build-nanogpt: 524,288 tokens a step (64 x 1024 x 8 on one GPU; on N GPUs use
@@ -182,6 +188,7 @@ _RECIPES: dict[str, tuple[dict[str, Any], GPTConfig]] = {
     # nanoGPT's config/finetune_shakespeare.py, from OpenAI's GPT-2 124M: few steps, small constant lr.
     "finetune-shakespeare": (
         dict(
+            data_dir="data/shakespeare-gpt2",  # GPT-2's tokenizer, as the weights
             init_from="gpt2", max_steps=20, batch_size=1, grad_accum=32,
             lr=3e-5, weight_decay=0.0, beta2=0.95,
             min_lr=3e-5, warmup_steps=0,

@@ -25,10 +25,9 @@ from jaxgpt.core.errors import UserError
 from jaxgpt.core.sharding import accumulated_batch_sharding
 from jaxgpt.data.pipeline import iterator_state
 from jaxgpt.eval.hellaswag import HellaSwagItem, evaluate_hellaswag, load_hellaswag
-from jaxgpt.eval.loss import evaluate_loss
+from jaxgpt.eval.loss import bits_per_byte, evaluate_loss
 from jaxgpt.model.gpt import GPT
 from jaxgpt.sampling.generate import generate
-from jaxgpt.tokenizer.encoding import EOT_ID, get_tokenizer
 from jaxgpt.train import metrics
 from jaxgpt.train.config import RunConfig, TrainConfig
 from jaxgpt.train.lifecycle import removed_if_left_empty, summary
@@ -65,10 +64,12 @@ def evaluate(run: Run) -> float:
 
 
 def validation(run: Run) -> dict[str, float]:
-    """What an evaluation logs: ``val_loss``, or an objective's own metrics on the val split (DPO: its loss and
-    rewards on the first ``eval_iters`` batches of val pairs)."""
+    """What an evaluation logs: ``val_loss`` and, for text data, its bits per byte (comparable across
+    tokenizers), or an objective's own metrics on the val split (DPO: its loss and rewards on the first
+    ``eval_iters`` batches of val pairs)."""
     if run.objective is None:
-        return {"val_loss": evaluate(run)}
+        loss = evaluate(run)
+        return {"val_loss": loss, **bits_per_byte(loss, run.config.data_dir)}
     cfg, args = run.config, (run.codec, run.state.params, run.reference, run.config.data_dir)
     return run.objective.evaluate(*args, batch_size=cfg.batch_size, max_batches=cfg.eval_iters, mesh=run.mesh)
 
@@ -77,15 +78,18 @@ def sample_text(run: Run, num_tokens: int, seed: int) -> str:
     """A sample from end-of-text with the current weights (top-k 200, temperature 0.8, as nanoGPT)."""
     num_tokens = min(num_tokens, run.model_config.block_size - 1)  # the prompt is one token
     key = jax.random.key(seed)
-    start = EOT_ID if run.model_config.vocab_size > EOT_ID else 0  # a small test vocabulary has no EOT
+    eot = run.tokenizer.eot_id
+    start = eot if run.model_config.vocab_size > eot else 0  # a small test vocabulary has no EOT
     model, mesh = current_model(run), run.mesh
-    out = generate(model, [[start]], num_tokens, temperature=0.8, top_k=200, key=key, stop_at_eot=False, mesh=mesh)
-    return get_tokenizer().decode(out[0])
+    out = generate(
+        model, [[start]], num_tokens, temperature=0.8, top_k=200, key=key, stop_at_eot=False, mesh=mesh, eot_id=eot
+    )
+    return run.tokenizer.decode([t for t in out[0] if t < run.tokenizer.vocab_size])  # padded rows are never text
 
 
 def hellaswag_scores(run: Run, items: list[HellaSwagItem]) -> dict[str, float]:
     """HellaSwag accuracies of the current weights on ``items``."""
-    scores = evaluate_hellaswag(current_model(run), items, mesh=run.mesh, progress=False)
+    scores = evaluate_hellaswag(current_model(run), items, run.tokenizer, mesh=run.mesh, progress=False)
     return {"acc": scores["acc"], "acc_norm": scores["acc_norm"]}
 
 
@@ -116,7 +120,8 @@ def format_record(record: dict[str, Any], max_steps: int) -> str:
     """The log line of a step's record: only the figures it has."""
     parts = [f"step {record['step']:>6}/{max_steps}"]
     formats = {
-        "loss": "loss {:.4f}", "val_loss": "val {:.4f}", "lr": "lr {:.2e}", "grad_norm": "grad {:.3f}",
+        "loss": "loss {:.4f}", "val_loss": "val {:.4f}", "val_bpb": "bpb {:.4f}", "lr": "lr {:.2e}",
+        "grad_norm": "grad {:.3f}",
         "step_ms": "{:.1f} ms", "tokens_per_s": "{:,.0f} tok/s", "mfu": "mfu {:.1%}", "acc_norm": "hellaswag {:.4f}",
     }  # fmt: skip
     parts += [fmt.format(record[key]) for key, fmt in formats.items() if record.get(key) is not None]

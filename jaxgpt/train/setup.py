@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from jaxgpt.checkpoints.checkpointer import Checkpointer
 from jaxgpt.checkpoints.loading import load_model
-from jaxgpt.checkpoints.run_dir import make_run_dir, read_run_file, write_run_file
+from jaxgpt.checkpoints.run_dir import make_run_dir, read_run_file, update_run_file, write_run_file
 from jaxgpt.checkpoints.state import TrainState
 from jaxgpt.core import distributed
 from jaxgpt.core.errors import UserError
@@ -26,8 +26,10 @@ from jaxgpt.data.meta import check_dataset
 from jaxgpt.data.pipeline import DataConfig, make_train_iterator, open_examples, restore_iterator
 from jaxgpt.model.config import GPTConfig, runtime_fields, shape_fields
 from jaxgpt.model.params import ParamCodec, Params
+from jaxgpt.tokenizer import Tokenizer
 from jaxgpt.train.config import RunConfig, TrainConfig
 from jaxgpt.train.lifecycle import check_not_complete, start_fresh
+from jaxgpt.train.run_tokenizer import run_tokenizer, save_run_tokenizer, with_vocab
 from jaxgpt.train.step import Objective, TrainStep, build_step
 
 
@@ -37,6 +39,7 @@ class Run:
 
     config: TrainConfig
     model_config: GPTConfig
+    tokenizer: Tokenizer  # the data's: the run folder keeps a copy
     mesh: Mesh
     codec: ParamCodec
     state: TrainState
@@ -95,6 +98,10 @@ def starting_point(run_config: RunConfig, checkpointer: Checkpointer) -> Start:
 def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer, objective: Objective | None) -> Run:
     start = starting_point(run_config, checkpointer)
     model_config, cfg = start.model_config, start.train_config
+    resumed, pretrained = start.resume_step is not None, start.params is not None
+    tokenizer = run_tokenizer(cfg.data_dir, cfg.out_dir if resumed else cfg.init_from if pretrained else None)
+    if not resumed and not pretrained:
+        model_config = with_vocab(model_config, tokenizer, "vocab_size" in run_config.model_flags)
     check_dataset(cfg.data_dir, model_config.vocab_size)  # every input checked before anything is compiled
     check_batch_divisible(cfg.batch_size, mesh, "--batch_size")
     data = DataConfig(
@@ -130,9 +137,11 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer, object
         state = step.init_state(params, cfg.seed)
     if distributed.is_main_process():
         write_run_file(cfg.out_dir, model_config, cfg.to_dict())  # as resolved: the next resume reads it
+        update_run_file(cfg.out_dir, tokenizer=save_run_tokenizer(cfg.out_dir, tokenizer))
     return Run(
         config=cfg,
         model_config=model_config,
+        tokenizer=tokenizer,
         mesh=mesh,
         codec=step.codec,
         state=state,
