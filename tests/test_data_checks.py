@@ -17,6 +17,7 @@ from jaxgpt.core.errors import UserError
 from jaxgpt.data import shards
 from jaxgpt.data.pipeline import DataConfig, make_train_iterator
 from jaxgpt.data.prepare import main as prepare
+from jaxgpt.tokenizer import load_tokenizer
 from jaxgpt.train.config import parse_run_config
 from jaxgpt.train.loop import train
 
@@ -59,7 +60,8 @@ def test_a_batch_with_an_id_past_the_vocabulary_names_its_shard_and_offset(chang
 
 def test_training_stops_at_the_changed_ids(changed_data, tmp_path):
     [shard] = shards.list_shards(changed_data, "train")
-    args = ["--data_dir", str(changed_data), "--out_dir", str(tmp_path / "out"), *TINY, "--batch_size", "8"]
+    args = ["--preset", "shakespeare-gpt2", "--data_dir", str(changed_data), "--out_dir", str(tmp_path / "out")]
+    args += [*TINY, "--batch_size", "8"]
     args += ["--max_steps", "2000", "--eval_interval", "0", "--log_interval", "1000", "--sample_tokens", "0"]
     with pytest.raises(shards.ShardError) as err:
         train(parse_run_config(args))
@@ -110,7 +112,7 @@ def test_chat_datasets_from_their_hub_files(dataset, tmp_path):
     ]
     for split, rows in (("val", [0]), ("train", [1, 2])):
         [shard] = shards.list_shards(out, split)
-        expected = [t for i in rows for t in render(conversations[i]).tokens]
+        expected = [t for i in rows for t in render(conversations[i], load_tokenizer()).tokens]
         assert shards.open_shard(shard).tolist() == expected
 
 

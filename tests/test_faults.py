@@ -343,9 +343,10 @@ def test_readme_sample_commands_fit_the_default_model():
     block_size = parse_run_config([]).model_config.block_size
     commands = [line for line in readme.splitlines() if "sample.py --init_from out/shakespeare" in line]
     assert commands
-    for command in commands:
+    for command in commands:  # without --max_new_tokens, sample.py takes what fits the context
         words = command.split()
-        assert int(words[words.index("--max_new_tokens") + 1]) < block_size, command
+        if "--max_new_tokens" in words:
+            assert int(words[words.index("--max_new_tokens") + 1]) < block_size, command
     assert "export TIKTOKEN_CACHE_DIR" not in readme.split("## Quick start")[1].split("```")[1]
 
 

@@ -30,6 +30,7 @@ VOCAB = 50304  # GPT-2's, padded: samples start from <|endoftext|> (the token da
 STEPS, RESUMED_STEPS = 6, 9
 TIMEOUT = 300
 TRAIN = [
+    "--preset", "shakespeare-gpt2",
     *TINY_MODEL, "--vocab_size", str(VOCAB), "--batch_size", "8", "--log_interval", "1", "--eval_interval", "0",
     "--eval_iters", "2", "--warmup_steps", "2", "--lr", "1e-2", "--lr_decay_steps", str(RESUMED_STEPS),
     "--sample_tokens", "8", "--save_interval", "100",

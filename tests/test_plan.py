@@ -17,7 +17,8 @@ from jaxgpt.train.config import parse_run_config
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
-TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--vocab_size", "256"]
+TINY = ["--preset", "shakespeare-gpt2", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32"]
+TINY += ["--vocab_size", "256"]
 
 
 def _optimised_module(fn, *args):

@@ -42,6 +42,8 @@ SKIPPED = {  # regular expression searched in a command -> why it is not run her
     r"^srun |--coordinator_address 10\.": "a cluster",
     r"bench\.bench_recipes": "long: 500-step recipe comparisons (20+ minutes)",
     r"my_corpus/": "a placeholder for the reader's own corpus folder",
+    r"pairs\.jsonl|data/preference\b": "your own preference pairs (tests/test_dpo.py and bench/bench_rl.py make some)",
+    r"--prompts train\.jsonl|train\.parquet": "your own prompts or GSM8K's files (tests/test_grpo.py makes some)",
     r"out/shakespeare-gpt2\b": "long: the 500-step shakespeare-gpt2 run (GPT-2's architecture, which HF export needs)",
 }
 

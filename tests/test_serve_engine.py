@@ -128,14 +128,15 @@ def test_greedy_under_concurrent_load_equals_each_request_alone(engine, model):
 def test_one_compiled_prefill_per_bucket_and_one_decode_step(engine):
     """Whatever the mix of lengths, sampling rules, seeds and logprobs: no compilation after warm-up (one decode
     step per row bucket: a step runs the first 1, 2 or 4 slots)."""
-    assert engine.compilations() == {"prefill": len(engine.buckets), "step": len(engine.row_buckets), "score": 0}
+    before = engine.compilations()  # "score" (echo's log-likelihoods) may have compiled in another module's test
+    assert (before["prefill"], before["step"]) == (len(engine.buckets), len(engine.row_buckets))
     assert engine.row_buckets == [1, 2, 4]
     assert engine.buckets == [16, 32, 64]
     rules = [dict(temperature=0.0), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8),
              dict(temperature=1.0, seed=3, logprobs=2), dict(temperature=0.5, top_k=40, top_p=0.5)]  # fmt: skip
     requests = [GenerationRequest(tuple(range(1, 2 + 7 * i)), 5 + i, **rules[i % 5]) for i in range(8)]
     run_all(engine, requests)
-    assert engine.compilations() == {"prefill": 3, "step": 3, "score": 0}
+    assert engine.compilations() == before == {**before, "prefill": 3, "step": 3}
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(engine):

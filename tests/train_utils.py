@@ -32,8 +32,10 @@ def write_token_data(directory: Path, train_tokens: int = 20_000, val_tokens: in
 
 
 def train_args(data_dir: Path, out_dir: Path, *extra: str, tiny_model: bool = True) -> list[str]:
-    """Flags of a short run; ``tiny_model=False`` leaves the model's shape to ``--init_from``."""
+    """Flags of a short run of GPT-2's recipe (``shakespeare-gpt2``: AdamW, GPT-2's architecture);
+    ``tiny_model=False`` leaves the model's shape to ``--init_from``."""
     return [
+        "--preset", "shakespeare-gpt2",
         "--data_dir", str(data_dir), "--out_dir", str(out_dir), *(TINY_MODEL if tiny_model else []),
         "--batch_size", "8", "--max_steps", "6", "--log_interval", "1", "--eval_interval", "0",
         "--eval_iters", "2", "--save_interval", "100", "--warmup_steps", "2", "--lr", "1e-2",

@@ -110,8 +110,6 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer, object
     )  # fmt: skip
     if cfg.epochs is not None:  # the step count follows from the number of examples
         cfg = cfg.for_examples(len(open_examples(cfg.data_dir, "train", model_config.block_size)))
-    if start.resume_step is not None:
-        check_not_complete(cfg.out_dir, start.resume_step, cfg.max_steps)
     step = build_step(model_config, cfg, mesh, objective=objective)
     reference = None
     if objective is not None:  # the starting weights, also on resume: one frozen copy for the whole run
@@ -127,6 +125,7 @@ def _build(run_config: RunConfig, mesh: Mesh, checkpointer: Checkpointer, object
         if found is None:
             raise UserError(f"no intact checkpoint left in {checkpointer.directory}; start again in a new --out_dir")
         resumed_from, (state, data_state) = found
+        check_not_complete(cfg.out_dir, resumed_from, cfg.max_steps)  # the intact step: a damaged one is redone
         data_iter = make_train_iterator(data) if cfg.reset_data else restore_iterator(data, data_state)
     else:
         data_iter = make_train_iterator(data)  # checks the data before anything is compiled
