@@ -194,6 +194,6 @@ def target_devices(target: Target, num_devices: int | None = None) -> list:
     except (RuntimeError, ValueError) as err:
         raise UserError(
             f"cannot compile for {target.name} here ({err}); install the CUDA plugin "
-            "(pip install -r requirements-plan.txt) and run with JAX on the CPU"
+            "(pip install -r requirements-plan.txt) and run with JAX on the CPU (JAX_PLATFORMS=cpu)"
         ) from err
     return list(topology.devices)

@@ -15,9 +15,15 @@ from __future__ import annotations
 
 import os
 
-# No accelerator on this machine: keep JAX on the CPU, so the CUDA plugin skips its driver check, and
-# let several processes load libtpu (it locks /tmp/libtpu_lockfile to guard a TPU that is not here).
-if not any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/accel0", "/dev/vfio")):
+# No accelerator on this machine (no GPU the NVIDIA driver has probed, no TPU chip at /dev/accel0 or as a
+# VFIO group beside the /dev/vfio/vfio control file; CUDA libraries alone are not one): keep JAX on the
+# CPU, so the CUDA plugin skips its driver check, and let several processes load libtpu (it locks
+# /tmp/libtpu_lockfile to guard a TPU that is not here).
+if not (
+    (os.path.isdir("/proc/driver/nvidia/gpus") and os.listdir("/proc/driver/nvidia/gpus"))
+    or os.path.exists("/dev/accel0")
+    or (os.path.isdir("/dev/vfio") and set(os.listdir("/dev/vfio")) - {"vfio"})
+):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
