@@ -29,7 +29,7 @@ QUICK_STEPS = 20
 BLOCK_TIMEOUT_S = 900
 
 SKIPPED = {  # regular expression searched in a command -> why it is not run here
-    r"python3? -m pytest tests\b": "long: the whole test suite (25+ minutes on 2 cores), this test included",
+    r"python3? -m pytest tests\b": "long: the whole test suite (about 21 minutes on 2 cores), this test included",
     r"--src gpt2\b|--init_from gpt2\b|\bgpt2-hf\b": "network: GPT-2's weights from the hub (gpt2-hf: their download)",
     r"--dataset \w": "network: downloads or streams a dataset from the Hugging Face hub",
     r"https?://(127\.0\.0\.1|localhost)": "talks to the server started above, which runs until stopped",
