@@ -14,15 +14,16 @@ or its bytes at full bandwidth, whichever is slower.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-# No accelerator on this machine (no GPU the NVIDIA driver has probed, no TPU chip at /dev/accel0 or as a
-# VFIO group beside the /dev/vfio/vfio control file; CUDA libraries alone are not one): keep JAX on the
-# CPU, so the CUDA plugin skips its driver check, and let several processes load libtpu (it locks
+# No accelerator on this machine (no GPU the NVIDIA driver has probed, no TPU chip: Google's PCI vendor
+# id 0x1ae0, or /dev/accel0 on older TPU VMs; CUDA libraries or a /dev/vfio alone are not one): keep JAX on
+# the CPU, so the CUDA plugin skips its driver check, and let several processes load libtpu (it locks
 # /tmp/libtpu_lockfile to guard a TPU that is not here).
 if not (
     (os.path.isdir("/proc/driver/nvidia/gpus") and os.listdir("/proc/driver/nvidia/gpus"))
     or os.path.exists("/dev/accel0")
-    or (os.path.isdir("/dev/vfio") and set(os.listdir("/dev/vfio")) - {"vfio"})
+    or any(v.read_text().strip() == "0x1ae0" for v in Path("/sys/bus/pci/devices").glob("*/vendor"))
 ):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
