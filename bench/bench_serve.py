@@ -6,11 +6,12 @@ running in this process (``python -m jaxgpt.serve``'s app on loopback). Reported
 (all new tokens over the wall time), time to first token and inter-token latency (p50/p99), and
 the same at one client. The naive server is transformers' ``generate`` (KV cache, greedy) answering
 the same requests one after another, as a server without batching does; its tokens/s is measured on
-``naive_requests`` of them. The last column is ``jaxgpt.sampling.generate`` alone (what sample.py
-decodes at) for a single request.
+``naive_requests`` of them. The last row is ``jaxgpt.sampling.generate`` alone for a single request,
+streaming each token as it comes (``on_token``), the path ``sample.py`` runs by default.
 
     python -m bench.bench_serve                          # a few minutes on 2 CPU cores
     python -m bench.bench_serve --clients 8 --naive_requests 2
+    python -m bench.bench_serve --max_model_len 1024    # the engine's cache as long as the server's default
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class BenchServeConfig:
     requests_per_client: int = option(1, "requests each client sends, one after another")
     prompt_len: int = option(32, "prompt tokens per request")
     new_tokens: int = option(64, "new tokens per request")
+    max_model_len: int | None = option(
+        None, "the engine's longest prompt + completion (none: prompt_len + new_tokens; the server's default is 1024)"
+    )
     dtype: DType = option("float32", "jaxgpt compute dtype")
     naive_requests: int = option(4, "requests the naive transformers server answers (its tokens/s is per request)")
     threads: int = option(2, "torch CPU threads (match the cores XLA uses)")
@@ -105,19 +109,22 @@ def main(argv=None) -> None:
         load_tokenizer(),
         max_batch=args.clients,
         max_queue=4 * args.clients,
-        max_len=args.prompt_len + args.new_tokens,
+        max_len=args.max_model_len or args.prompt_len + args.new_tokens,
     )
     engine.start()
     warmup = time.perf_counter() - start
-    print(f"engine warm-up ({len(engine.buckets)} prefills, {len(engine.row_buckets)} steps compiled): {warmup:.1f} s")
+    print(f"engine warm-up ({len(engine.buckets)} prefills, {len(engine.step_shapes)} steps compiled): {warmup:.1f} s")
     rows = _Rows()
     with serve_in_thread(create_app(engine, "gpt2-random", "random")) as url:
         asyncio.run(client_run(url, prompts[:1], args.new_tokens, 1))  # warm the HTTP path
         rows["served"] = asyncio.run(client_run(url, prompts, args.new_tokens, args.clients))
         rows["served, 1 client"] = asyncio.run(client_run(url, prompts[:2], args.new_tokens, 1))
     engine.stop()
-    generate(model, prompts[:1], args.new_tokens, temperature=0, stop_at_eot=False)  # compiles
-    seconds, _ = timed(lambda: generate(model, prompts[:1], args.new_tokens, temperature=0, stop_at_eot=False))
+    streamed = lambda: generate(
+        model, prompts[:1], args.new_tokens, temperature=0, stop_at_eot=False, on_token=lambda row, token: None
+    )
+    streamed()  # compiles
+    seconds, _ = timed(streamed)
     rows["sample.py decode (jaxgpt.sampling.generate, 1 request)"] = dict(tokens_per_s=args.new_tokens / seconds)
     import torch
     from transformers import GPT2LMHeadModel

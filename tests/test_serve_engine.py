@@ -16,6 +16,7 @@ from jaxgpt.core.sharding import make_mesh, shard_model
 from jaxgpt.model.decoding import decode as decode_chunk
 from jaxgpt.model.decoding import init_cache
 from jaxgpt.sampling.generate import generate, left_pad, process_logits
+from jaxgpt.serve import engine as engine_module
 from jaxgpt.serve.device import filter_rows
 from jaxgpt.serve.engine import Engine, GenerationRequest, Update
 from jaxgpt.serve.text import TextTracker
@@ -125,18 +126,34 @@ def test_greedy_under_concurrent_load_equals_each_request_alone(engine, model):
     assert engine.compilations() == before  # warm-up compiled every bucket; nothing compiles per request
 
 
+def test_a_part_too_big_to_copy_runs_every_row_in_place(model, monkeypatch):
+    """Past MAX_PART_BYTES a step runs every row over every slot, and the tokens stay those of generate."""
+    monkeypatch.setattr(engine_module, "MAX_PART_BYTES", 2 * 64 * model.config.n_layer * model.config.n_embd * 4)
+    engine = Engine(model, load_tokenizer(), max_batch=4, max_len=MAX_LEN).start()
+    try:
+        assert sorted(engine.step_shapes) == [(1, 32), (1, 64), (2, 32), (4, 64)]  # (2, 64), (4, 32): too big
+        requests = [GenerationRequest(tuple(p), 20, temperature=0.0, ignore_eos=True) for p in PROMPTS]
+        loaded = run_all(engine, requests, [0.0, 0.1, 0.2])
+    finally:
+        engine.stop()
+    reference = generate(model, PROMPTS, 20, temperature=0, stop_at_eot=False)
+    assert [tokens_of(u) for u in loaded] == reference
+
+
 def test_one_compiled_prefill_per_bucket_and_one_decode_step(engine):
     """Whatever the mix of lengths, sampling rules, seeds and logprobs: no compilation after warm-up (one decode
-    step per row bucket: a step runs the first 1, 2 or 4 slots)."""
+    step per row and slot bucket: a step runs the first 1, 2 or 4 rows over the first 32 or 64 cache slots)."""
     before = engine.compilations()  # "score" (echo's log-likelihoods) may have compiled in another module's test
-    assert (before["prefill"], before["step"]) == (len(engine.buckets), len(engine.row_buckets))
+    assert (before["prefill"], before["step"]) == (len(engine.buckets), len(engine.step_shapes))
     assert engine.row_buckets == [1, 2, 4]
+    assert engine.slot_buckets == [32, 64]
+    assert sorted(engine.step_shapes) == [(k, s) for k in (1, 2, 4) for s in (32, 64)]  # a tiny cache: every pair
     assert engine.buckets == [16, 32, 64]
     rules = [dict(temperature=0.0), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8),
              dict(temperature=1.0, seed=3, logprobs=2), dict(temperature=0.5, top_k=40, top_p=0.5)]  # fmt: skip
     requests = [GenerationRequest(tuple(range(1, 2 + 7 * i)), 5 + i, **rules[i % 5]) for i in range(8)]
     run_all(engine, requests)
-    assert engine.compilations() == before == {**before, "prefill": 3, "step": 3}
+    assert engine.compilations() == before == {**before, "prefill": 3, "step": 6}
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(engine):

@@ -2,8 +2,9 @@
 
 Every slot of the server's batch carries its own sampling rule (temperature, top-k, top-p, seed) as
 traced arrays, so a new mix of requests never recompiles: the prefill compiles once per prompt bucket,
-the decode step once. The random draw of a row's n-th token depends only on its seed and n
-(``fold_in(key(seed), n)``), so a seeded request samples the same tokens whatever shares its batch.
+the decode step once per bucket of rows and of cache slots. The random draw of a row's n-th token
+depends only on its seed and n (``fold_in(key(seed), n)``), so a seeded request samples the same
+tokens whatever shares its batch.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class Compiled(NamedTuple):
 
 @functools.lru_cache(maxsize=4)
 def compiled(graphdef: nnx.GraphDef, treedef: jax.tree_util.PyTreeDef) -> Compiled:
-    """The jitted prefill (one compilation per prompt bucket), decode step (one per row bucket), prompt scoring.
+    """The jitted prefill (one compilation per prompt bucket), decode step (one per row and slot bucket), scoring.
 
     Parameters come as a flat list of leaves (see ``jaxgpt.sampling.generate._compiled`` for why); the
     cache and the batch's current tokens are donated and updated in place.
@@ -129,18 +130,23 @@ def compiled(graphdef: nnx.GraphDef, treedef: jax.tree_util.PyTreeDef) -> Compil
         picked = pick(logits[:, 0], jax.tree.map(lambda x: jnp.reshape(x, (1,)), rules))
         return cache, tokens.at[row].set(picked.token[0]), picked
 
-    def step(leaves, cache, tokens, index, rules, rows):
+    def step(leaves, cache, tokens, index, rules, rows, slots):
         """The first ``rows`` rows' tokens at their own slots ``index``; returns the cache and their next tokens.
 
-        ``rows`` (static: one compilation per bucket) lets a few requests run as a small batch: the engine
-        fills the lowest free slot first, and a step's cost grows with its rows.
+        ``rows`` and ``slots`` (static: one compilation per pair of buckets) let a few short requests run as
+        a small batch over the first ``slots`` cache slots: the engine fills the lowest free row first, and a
+        step's cost grows with its rows and the slots it reads. A part is copied out and written back in place;
+        the whole cache (every row, every slot) is updated in place by ``decode`` itself.
         """
         model = merge(leaves)
-        part = [KVCache(c.key[:rows], c.value[:rows]) for c in cache]
-        key_mask = jnp.ones((rows, cache[0].value.shape[2]), bool)  # slots past a row's index are hidden
+        whole = rows == cache[0].key.shape[0] and slots == cache[0].key.shape[3]
+        part = cache if whole else [KVCache(c.key[:rows, :, :, :slots], c.value[:rows, :, :slots]) for c in cache]
+        key_mask = jnp.ones((rows, slots), bool)  # slots past a row's index are hidden
         index = index[:rows]
         logits, part = decode(model, tokens[:rows, None], part, index, index[:, None], key_mask)
         picked = pick(logits[:, 0], jax.tree.map(lambda x: x[:rows], rules))
+        if whole:  # decode updated the (donated) cache in place
+            return part, tokens.at[:rows].set(picked.token), picked
         zero = jnp.zeros((), jnp.int32)
         cache = [
             KVCache(jax.lax.dynamic_update_slice(c.key, p.key, (zero,) * 4),
@@ -159,7 +165,7 @@ def compiled(graphdef: nnx.GraphDef, treedef: jax.tree_util.PyTreeDef) -> Compil
     options = CPU_DECODE_OPTIONS if jax.default_backend() == "cpu" else None
     return Compiled(
         jax.jit(prefill, donate_argnums=(1, 2), compiler_options=options),
-        jax.jit(step, donate_argnums=(1, 2), static_argnames="rows", compiler_options=options),
+        jax.jit(step, donate_argnums=(1, 2), static_argnames=("rows", "slots"), compiler_options=options),
         jax.jit(score),
     )
 
