@@ -2,10 +2,11 @@
 
 python -m bench.bench_rl [--work DIR] [--reuse_sft]   # from the repo root
 
-A small model is SFT'd from scratch on synthetic sums ("Add 12 and 7." -> "The sum is 19.");
-then DPO on pairs of the same prompts where the chosen reply adds a sign-off (" Cheers!") and the
-rejected one is the plain SFT reply. Printed: the share of greedy replies to held-out prompts that
-end with the sign-off before and after DPO, and the SFT validation loss before and after (what DPO
+A small model is SFT'd from scratch on synthetic sums ("Add 12 and 7." -> "The sum is 19."), a
+minority of whose replies (``--sft_sign_off``, 30%) end with a sign-off (" Cheers!"): the SFT model
+knows the sign-off but greedy decoding leaves it out. Then DPO on pairs of the same prompts where the
+chosen reply has the sign-off and the rejected one does not. Printed: the share of greedy replies to
+held-out prompts that end with the sign-off before and after DPO, and the SFT validation loss before and after (what DPO
 costs the SFT behaviour). Each stage runs the real command lines (prepare, train.py).
 """
 
@@ -53,9 +54,10 @@ def measure(run_dir: Path, held_out: list[dict], sft_data: Path) -> dict[str, fl
     from jaxgpt.checkpoints.loading import load_model
     from jaxgpt.eval.loss import evaluate_loss
     from jaxgpt.rl.grpo import pass_at_1
+    from jaxgpt.tokenizer import tokenizer_of
 
     model = load_model(str(run_dir))
-    share = pass_at_1(model, held_out, signed_off, max_new_tokens=12, batch_size=len(held_out))
+    share = pass_at_1(model, held_out, signed_off, tokenizer_of(str(run_dir)), 12, len(held_out))
     loss = evaluate_loss(model, sft_data, batch_size=16)["val_loss"]
     return {"sign_off_share": share, "sft_val_loss": loss}
 
@@ -65,13 +67,17 @@ def main() -> None:
     parser.add_argument("--work", default="out/bench_rl")
     parser.add_argument("--sft_epochs", type=float, default=30)
     parser.add_argument("--dpo_epochs", type=float, default=2)
+    parser.add_argument("--sft_sign_off", type=float, default=0.3, help="share of SFT replies with the sign-off")
     parser.add_argument("--dpo_lr", default="1e-4")
+    parser.add_argument("--dpo_beta", default="0.1")
+    parser.add_argument("--dpo_sft_weight", default="0", help="TRL's sft loss beside DPO's (RPO); 0: plain DPO")
     parser.add_argument("--reuse_sft", action="store_true", help="keep the SFT run already in --work (no SFT time)")
     args = parser.parse_args()
     work = (ROOT / args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     train, held_out = problems(200, seed=0), problems(50, seed=1)
-    sft_lines = [{"prompt": q, "response": a} for q, a in train]
+    signs = (np.random.default_rng(2).random(len(train)) < args.sft_sign_off).tolist()
+    sft_lines = [{"prompt": q, "response": a + SIGN_OFF * sign} for (q, a), sign in zip(train, signs, strict=True)]
     sft_file = write_jsonl(work / "sft.jsonl", sft_lines)
     dpo_file = write_jsonl(
         work / "pairs.jsonl", [{"prompt": q, "chosen": a + SIGN_OFF, "rejected": a} for q, a in train]
@@ -87,7 +93,8 @@ def main() -> None:
     records = [{"prompt": q, "answer": 0} for q, _ in held_out]
     before = measure(work / "sft", records, work / "data_sft")
     dpo = ["train.py", "--preset", "dpo", "--init_from", str(work / "sft"), "--data_dir", str(work / "data_dpo"),
-           "--out_dir", str(work / "dpo"), "--epochs", str(args.dpo_epochs), "--lr", args.dpo_lr, *common]  # fmt: skip
+           "--out_dir", str(work / "dpo"), "--epochs", str(args.dpo_epochs), "--lr", args.dpo_lr,
+           "--dpo_beta", args.dpo_beta, "--dpo_sft_weight", args.dpo_sft_weight, *common]  # fmt: skip
     dpo_s = sh(*dpo)
     after = measure(work / "dpo", records, work / "data_sft")
     print("| stage | wall s | greedy replies with the sign-off | SFT val loss |\n| --- | --- | --- | --- |")

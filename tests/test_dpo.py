@@ -136,8 +136,11 @@ def hf_pair(tmp_path_factory) -> tuple[Path, Path]:
     return folder / "policy", folder / "reference"
 
 
-def trl_loss_and_grad_norm(policy_dir: Path, reference_dir: Path, examples: list[dict], beta: float) -> tuple:
-    """TRL's DPOTrainer's loss, gradient norm and logged rewards on one collated batch of ``examples``."""
+def trl_loss_and_grad_norm(
+    policy_dir: Path, reference_dir: Path, examples: list[dict], beta: float, sft_weight: float = 0.0
+) -> tuple:
+    """TRL's DPOTrainer's loss, gradient norm and logged rewards on one collated batch of ``examples``
+    (with ``sft_weight``: its loss types sigmoid and sft, weighted 1 and ``sft_weight``)."""
     import torch
     from datasets import Dataset
     from tokenizers import Tokenizer, models
@@ -148,7 +151,8 @@ def trl_loss_and_grad_norm(policy_dir: Path, reference_dir: Path, examples: list
     eot = "<|endoftext|>"  # the trainer needs a tokenizer for its pad token; the batch is tokenized above
     vocab = Tokenizer(models.WordLevel({eot: 50256, "x": 0}, unk_token="x"))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=vocab, eos_token=eot, pad_token=eot)
-    args = DPOConfig(str(policy_dir.parent / "trl"), beta=beta, report_to=[], use_cpu=True, bf16=False)  # float32
+    losses = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, sft_weight]) if sft_weight else {}
+    args = DPOConfig(str(policy_dir.parent / "trl"), beta=beta, report_to=[], use_cpu=True, bf16=False, **losses)
     policy, reference = (GPT2LMHeadModel.from_pretrained(d) for d in (policy_dir, reference_dir))
     dummy = Dataset.from_list([{"prompt": "x", "chosen": "x", "rejected": "x x"}])
     trainer = DPOTrainer(policy, reference, args=args, train_dataset=dummy, processing_class=tokenizer)
@@ -160,18 +164,22 @@ def trl_loss_and_grad_norm(policy_dir: Path, reference_dir: Path, examples: list
     return loss.item(), norm.item(), logged
 
 
-def test_loss_gradient_and_rewards_equal_trl(hf_pair: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("sft_weight", [0.0, 0.7])
+def test_loss_gradient_and_rewards_equal_trl(hf_pair: tuple[Path, Path], tmp_path: Path, sft_weight: float) -> None:
+    """Float32, the same batch; with ``sft_weight`` (RPO) the NLL is the mean over the batch's chosen tokens, as
+    TRL's, so only one micro-batch compares (accumulated micro-batches average their own means)."""
     beta = 0.5
     prepare_pairs(tmp_path, PAIRS, val_fraction=0.0)
     batch = open_examples(tmp_path / "data", "train", BLOCK).batch(np.arange(len(PAIRS)))
-    expected_loss, expected_norm, expected_rewards = trl_loss_and_grad_norm(*hf_pair, list(map(trl_ids, PAIRS)), beta)
+    examples = list(map(trl_ids, PAIRS))
+    expected_loss, expected_norm, expected_rewards = trl_loss_and_grad_norm(*hf_pair, examples, beta, sft_weight)
 
     policy, reference = (load_hf_gpt2(d) for d in hf_pair)
     codec = ParamCodec(policy.config)
     schedule = learning_rate_schedule(1e-3, 1e-3, 0, 10)
     tx = make_optimizer(schedule)
-    step = jax.jit(make_train_step(codec, tx, schedule, objective=DPO(beta)))
-    for accum in (1, 2):  # accumulated micro-batches give the same means
+    step = jax.jit(make_train_step(codec, tx, schedule, objective=DPO(beta, sft_weight)))
+    for accum in (1, 2) if not sft_weight else (1,):  # accumulated micro-batches give the same means
         state = init_train_state(codec.to_flat(policy), tx, seed=0)
         micro = {k: v.reshape(accum, len(PAIRS) // accum, BLOCK) for k, v in batch.items()}
         _, metrics = step(state, micro, codec.to_flat(reference))

@@ -7,7 +7,9 @@ of the chosen and the rejected reply, and the loss is the sigmoid loss
 ``-log sigmoid(r_chosen - r_rejected)``, averaged over the step's pairs. The metrics are TRL's:
 ``rewards/chosen``, ``rewards/rejected`` (mean rewards), ``rewards/accuracies`` (share of pairs with
 ``r_chosen > r_rejected``) and ``rewards/margins`` (mean ``r_chosen - r_rejected``). Dropout is not
-applied, as TRL's ``disable_dropout``.
+applied, as TRL's ``disable_dropout``. ``sft_weight`` adds TRL's ``"sft"`` loss type (``loss_type=["sigmoid",
+"sft"]``, ``loss_weights=[1, W]``: RPO, Pang et al., 2024): W times the mean NLL of the chosen replies' tokens,
+which keeps DPO from lowering the likelihood of both replies.
 """
 
 from __future__ import annotations
@@ -70,10 +72,13 @@ class DPO:
     """The DPO objective for ``jaxgpt.train.step.make_train_step``: batches of pairs, a frozen reference."""
 
     beta: float = 0.1
+    sft_weight: float = 0.0  # weight of the chosen replies' mean token NLL (TRL's "sft" loss type; 0: plain DPO)
 
     def __post_init__(self) -> None:
         if not self.beta > 0:
             raise UserError(f"--dpo_beta must be positive, got {self.beta}")
+        if not self.sft_weight >= 0:
+            raise UserError(f"--dpo_sft_weight must be >= 0, got {self.sft_weight}")
 
     def scale(self, batch: Batch) -> float:
         if "chosen_inputs" not in batch:
@@ -84,8 +89,13 @@ class DPO:
     def loss(self, model: GPT, micro: Batch, key: jax.Array | None, reference: GPT | None, runtime: Runtime):
         assert reference is not None, "DPO needs the reference model"
         ref_chosen, ref_rejected = jax.lax.stop_gradient(pair_log_probs(reference, micro, runtime))
-        losses, metrics = dpo_loss(*pair_log_probs(model, micro, runtime), ref_chosen, ref_rejected, self.beta)
-        return losses.sum(), {name: value.sum() for name, value in metrics.items()}
+        chosen, rejected = pair_log_probs(model, micro, runtime)
+        losses, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta)
+        loss = losses.sum()
+        if self.sft_weight:  # TRL's mean over the (micro-)batch's chosen tokens, times the pairs the step divides by
+            nll = -chosen.sum() / jnp.maximum(micro["chosen_weights"].sum(), 1.0)
+            loss += self.sft_weight * nll * chosen.shape[0]
+        return loss, {name: value.sum() for name, value in metrics.items()}
 
     def evaluate(self, codec: ParamCodec, params: Params, reference: Params, data_dir: str, **kwargs) -> dict:
         return evaluate_dpo(codec, params, reference, data_dir, beta=self.beta, **kwargs)

@@ -70,6 +70,9 @@ class TrainConfig:
         "lm", "lm: next-token loss; dpo: DPO on preference pairs against init_from"
     )
     dpo_beta: float = option(0.1, "DPO's beta: how far the policy may move from the reference (TRL's default)")
+    dpo_sft_weight: float = option(
+        0.0, "DPO plus this times the chosen replies' mean token NLL (TRL's loss_type sft, RPO; 0: off)"
+    )
 
     def __post_init__(self) -> None:
         positive = (
