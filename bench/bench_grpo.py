@@ -3,11 +3,12 @@
 python -m bench.bench_grpo [--work DIR] [--reuse_sft]   # from the repo root
 
 A small model with a byte-level tokenizer (digits are tokens) is SFT'd from scratch on synthetic
-two- and three-digit word problems answered in GSM8K's form ("Ada has 23 pens and buys 45 more. How
-many now?" -> "23 + 45 = 68\\n#### 68"), for a few epochs only, so it is right on
-some held-out problems and wrong on others. From that checkpoint the same wall-clock time goes once
-to GRPO (``python -m jaxgpt.rl``, reward: exact match of the final number) and once to more SFT on
-the same problems. Printed: greedy pass@1 on held-out problems after SFT, after GRPO and after the
+word problems on two-digit numbers, answered in column steps and GSM8K's form ("Ada has 56 pens and
+buys 37 more. How many now?" -> "6 + 7 = 13, carry 1; 5 + 3 + 1 = 9\n#### 93") by a careless teacher
+that forgets the carry in ``--careless`` of its answers: SFT learns its mistakes. From that
+checkpoint the same wall-clock time goes once to GRPO (``python -m jaxgpt.rl``, reward: exact match
+of the final number) and once to more SFT on the same answers.
+Printed: greedy pass@1 on held-out problems after SFT, after GRPO and after the
 extra SFT (what the reward adds over more supervised steps). Each stage runs the real command lines.
 """
 
