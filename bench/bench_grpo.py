@@ -15,12 +15,12 @@ extra SFT (what the reward adds over more supervised steps). Each stage runs the
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
 from bench.bench_rl import ROOT, sh, write_jsonl
+from jaxgpt.checkpoints.run_dir import read_metrics
 
 BLOCK = 128
 REPLY_TOKENS = 48  # the longest worked answer is 40 bytes
@@ -84,11 +84,6 @@ def pass_at_1(run_dir: Path, held_out: Path) -> float:
     return greedy_pass_at_1(model, records, exact_match, tokenizer, REPLY_TOKENS, 100)
 
 
-def last_record(run_dir: Path, key: str) -> dict:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if key in r][-1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="out/bench_grpo")
@@ -119,7 +114,7 @@ def main() -> None:
                    "--data_dir", str(work / "data_sft"), "--out_dir", str(work / "sft"),
                    "--epochs", str(args.sft_epochs), "--optimizer", "muon", "--muon_lr", "3e-3",
                    "--lr", "3e-3", "--min_lr", "3e-4", "--warmup_steps", "20", *common)  # fmt: skip
-    sft_record = last_record(work / "sft", "step_ms")
+    sft_record = [r for r in read_metrics(work / "sft") if "step_ms" in r][-1]
     before = pass_at_1(work / "sft", Path(held_file))
     grpo_s = sh("-m", "jaxgpt.rl", "--init_from", str(work / "sft"), "--out_dir", str(work / "grpo"),
                 "--prompts", prompts, "--max_new_tokens", str(REPLY_TOKENS), "--group_size", args.group_size,
