@@ -3,9 +3,11 @@
 python -m bench.bench_rl [--work DIR] [--reuse_sft]   # from the repo root
 
 A small model is SFT'd from scratch on synthetic sums ("Add 12 and 7." -> "The sum is 19."), a
-minority of whose replies (``--sft_sign_off``, 30%) end with a sign-off (" Cheers!"): the SFT model
-knows the sign-off but greedy decoding leaves it out. Then DPO on pairs of the same prompts where the
-chosen reply has the sign-off and the rejected one does not. Printed: the share of greedy replies to
+minority of whose replies (``--sft_sign_off``, 20%) end with a sign-off (" Cheers!"): the SFT model
+knows the sign-off but greedy decoding leaves it out. Then preference tuning on pairs of the same
+prompts where the chosen reply has the sign-off and the rejected one does not: by default IPO (beta
+0.7) with TRL's sft term (weight 1), since the sigmoid loss drives the rejected reply's closing EOT to
+probability 0 and with it the loss on the 80% of SFT replies that end there. Printed: the share of greedy replies to
 held-out prompts that end with the sign-off before and after DPO, and the SFT validation loss before and after (what DPO
 costs the SFT behaviour). Each stage runs the real command lines (prepare, train.py).
 """
@@ -66,11 +68,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="out/bench_rl")
     parser.add_argument("--sft_epochs", type=float, default=30)
-    parser.add_argument("--dpo_epochs", type=float, default=2)
-    parser.add_argument("--sft_sign_off", type=float, default=0.3, help="share of SFT replies with the sign-off")
+    parser.add_argument("--dpo_epochs", type=float, default=10)
+    parser.add_argument("--sft_sign_off", type=float, default=0.2, help="share of SFT replies with the sign-off")
     parser.add_argument("--dpo_lr", default="1e-4")
-    parser.add_argument("--dpo_beta", default="0.1")
-    parser.add_argument("--dpo_sft_weight", default="0", help="TRL's sft loss beside DPO's (RPO); 0: plain DPO")
+    parser.add_argument("--dpo_beta", default="0.7")
+    parser.add_argument("--dpo_sft_weight", default="1", help="TRL's sft loss beside DPO's (RPO); 0: plain DPO")
+    parser.add_argument("--dpo_loss", default="ipo", choices=["sigmoid", "ipo"])
     parser.add_argument("--reuse_sft", action="store_true", help="keep the SFT run already in --work (no SFT time)")
     args = parser.parse_args()
     work = (ROOT / args.work).resolve()
@@ -94,7 +97,8 @@ def main() -> None:
     before = measure(work / "sft", records, work / "data_sft")
     dpo = ["train.py", "--preset", "dpo", "--init_from", str(work / "sft"), "--data_dir", str(work / "data_dpo"),
            "--out_dir", str(work / "dpo"), "--epochs", str(args.dpo_epochs), "--lr", args.dpo_lr,
-           "--dpo_beta", args.dpo_beta, "--dpo_sft_weight", args.dpo_sft_weight, *common]  # fmt: skip
+           "--dpo_beta", args.dpo_beta, "--dpo_sft_weight", args.dpo_sft_weight, "--dpo_loss", args.dpo_loss,
+           *common]  # fmt: skip
     dpo_s = sh(*dpo)
     after = measure(work / "dpo", records, work / "data_sft")
     print("| stage | wall s | greedy replies with the sign-off | SFT val loss |\n| --- | --- | --- | --- |")

@@ -137,10 +137,15 @@ def hf_pair(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def trl_loss_and_grad_norm(
-    policy_dir: Path, reference_dir: Path, examples: list[dict], beta: float, sft_weight: float = 0.0
+    policy_dir: Path,
+    reference_dir: Path,
+    examples: list[dict],
+    beta: float,
+    sft_weight: float = 0.0,
+    loss_type: str = "sigmoid",
 ) -> tuple:
     """TRL's DPOTrainer's loss, gradient norm and logged rewards on one collated batch of ``examples``
-    (with ``sft_weight``: its loss types sigmoid and sft, weighted 1 and ``sft_weight``)."""
+    (with ``sft_weight``: its loss types ``loss_type`` and sft, weighted 1 and ``sft_weight``)."""
     import torch
     from datasets import Dataset
     from tokenizers import Tokenizer, models
@@ -151,7 +156,8 @@ def trl_loss_and_grad_norm(
     eot = "<|endoftext|>"  # the trainer needs a tokenizer for its pad token; the batch is tokenized above
     vocab = Tokenizer(models.WordLevel({eot: 50256, "x": 0}, unk_token="x"))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=vocab, eos_token=eot, pad_token=eot)
-    losses = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, sft_weight]) if sft_weight else {}
+    losses = dict(loss_type=[loss_type, "sft"], loss_weights=[1.0, sft_weight]) if sft_weight else {}
+    losses = losses or dict(loss_type=[loss_type])
     args = DPOConfig(str(policy_dir.parent / "trl"), beta=beta, report_to=[], use_cpu=True, bf16=False, **losses)
     policy, reference = (GPT2LMHeadModel.from_pretrained(d) for d in (policy_dir, reference_dir))
     dummy = Dataset.from_list([{"prompt": "x", "chosen": "x", "rejected": "x x"}])
@@ -164,21 +170,24 @@ def trl_loss_and_grad_norm(
     return loss.item(), norm.item(), logged
 
 
-@pytest.mark.parametrize("sft_weight", [0.0, 0.7])
-def test_loss_gradient_and_rewards_equal_trl(hf_pair: tuple[Path, Path], tmp_path: Path, sft_weight: float) -> None:
+@pytest.mark.parametrize(("loss_type", "sft_weight"), [("sigmoid", 0.0), ("sigmoid", 0.7), ("ipo", 0.0)])
+def test_loss_gradient_and_rewards_equal_trl(
+    hf_pair: tuple[Path, Path], tmp_path: Path, loss_type: str, sft_weight: float
+) -> None:
     """Float32, the same batch; with ``sft_weight`` (RPO) the NLL is the mean over the batch's chosen tokens, as
     TRL's, so only one micro-batch compares (accumulated micro-batches average their own means)."""
     beta = 0.5
     prepare_pairs(tmp_path, PAIRS, val_fraction=0.0)
     batch = open_examples(tmp_path / "data", "train", BLOCK).batch(np.arange(len(PAIRS)))
     examples = list(map(trl_ids, PAIRS))
-    expected_loss, expected_norm, expected_rewards = trl_loss_and_grad_norm(*hf_pair, examples, beta, sft_weight)
+    trl = trl_loss_and_grad_norm(*hf_pair, examples, beta, sft_weight, loss_type)
+    expected_loss, expected_norm, expected_rewards = trl
 
     policy, reference = (load_hf_gpt2(d) for d in hf_pair)
     codec = ParamCodec(policy.config)
     schedule = learning_rate_schedule(1e-3, 1e-3, 0, 10)
     tx = make_optimizer(schedule)
-    step = jax.jit(make_train_step(codec, tx, schedule, objective=DPO(beta, sft_weight)))
+    step = jax.jit(make_train_step(codec, tx, schedule, objective=DPO(beta, sft_weight, loss_type)))
     for accum in (1, 2) if not sft_weight else (1,):  # accumulated micro-batches give the same means
         state = init_train_state(codec.to_flat(policy), tx, seed=0)
         micro = {k: v.reshape(accum, len(PAIRS) // accum, BLOCK) for k, v in batch.items()}

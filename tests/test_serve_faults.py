@@ -82,6 +82,27 @@ def test_clients_that_leave_mid_stream_free_their_slots(url, engine):
     assert wait_all_free(engine) == {"running": 0, "waiting": 0, "free_slots": 8}
 
 
+def test_clients_that_leave_before_a_whole_answer_free_their_slots(model):
+    """Not streamed: the server sees the client hang up while it generates, and cancels (as vLLM)."""
+    engine = new_engine(model, max_batch=2)
+    step, steps = engine._step, []
+    engine._step = lambda *args: (time.sleep(0.05), steps.append(1), step(*args))[2]  # a slow device
+    try:
+        with live_server(engine) as url:
+            long = {"max_tokens": 40, "ignore_eos": True}  # 2 s of steps
+            for route, body in (
+                ("completions", {"prompt": [3], **long}),
+                ("chat/completions", {"messages": [{"role": "user", "content": "Hi"}], **long}),
+            ):
+                with pytest.raises(httpx.ReadTimeout):
+                    httpx.post(f"{url}/v1/{route}", json=body, timeout=0.5)
+                assert wait_all_free(engine, 5) == {"running": 0, "waiting": 0, "free_slots": 2}
+                assert len(steps) < 20, f"{route}: {len(steps)} steps ran for a client that left"
+                steps.clear()
+    finally:
+        engine.stop(10)
+
+
 def test_a_full_queue_answers_429_with_retry_after(model):
     engine = new_engine(model, max_batch=1, max_queue=1)
     step = engine._step

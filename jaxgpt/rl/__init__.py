@@ -9,4 +9,4 @@ from jaxgpt.train.config import TrainConfig
 
 def objective_for(config: TrainConfig) -> DPO | None:
     """The training objective ``--objective`` names (None: the next-token loss)."""
-    return DPO(config.dpo_beta, config.dpo_sft_weight) if config.objective == "dpo" else None
+    return DPO(config.dpo_beta, config.dpo_sft_weight, config.dpo_loss) if config.objective == "dpo" else None

@@ -9,7 +9,10 @@ of the chosen and the rejected reply, and the loss is the sigmoid loss
 ``r_chosen > r_rejected``) and ``rewards/margins`` (mean ``r_chosen - r_rejected``). Dropout is not
 applied, as TRL's ``disable_dropout``. ``sft_weight`` adds TRL's ``"sft"`` loss type (``loss_type=["sigmoid",
 "sft"]``, ``loss_weights=[1, W]``: RPO, Pang et al., 2024): W times the mean NLL of the chosen replies' tokens,
-which keeps DPO from lowering the likelihood of both replies.
+which keeps DPO from lowering the likelihood of both replies. ``loss_type="ipo"`` is TRL's IPO (Azar et al.,
+2023): ``(d - 1 / (2 beta))**2`` with ``d`` the difference of the two replies' log-ratios per completion token.
+The sigmoid loss pushes a margin that every pair wins without bound (the rejected reply's tokens toward
+probability 0); IPO's square stops at a margin set by ``beta``, so the policy stays near the reference.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +37,7 @@ from jaxgpt.model.params import ParamCodec, Params
 from jaxgpt.train.step import Batch
 
 HALVES = ("chosen", "rejected")
+LossType = Literal["sigmoid", "ipo"]
 
 
 def sequence_log_probs(
@@ -52,12 +57,27 @@ def pair_log_probs(model: GPT, batch: Batch, runtime: Runtime | None = None) -> 
 
 
 def dpo_loss(
-    chosen: jax.Array, rejected: jax.Array, ref_chosen: jax.Array, ref_rejected: jax.Array, beta: float
+    chosen: jax.Array,
+    rejected: jax.Array,
+    ref_chosen: jax.Array,
+    ref_rejected: jax.Array,
+    beta: float,
+    loss_type: LossType = "sigmoid",
+    lengths: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Per-pair sigmoid DPO losses [B] and TRL's per-pair reward metrics (average them over pairs)."""
-    reward_chosen = beta * jax.lax.stop_gradient(chosen - ref_chosen)
-    reward_rejected = beta * jax.lax.stop_gradient(rejected - ref_rejected)
-    losses = -jax.nn.log_sigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected)))
+    """Per-pair DPO losses [B] and TRL's per-pair reward metrics (average them over pairs).
+
+    ``lengths``: the (chosen, rejected) completion token counts [B], which IPO divides the log-ratios by.
+    """
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+    reward_chosen = beta * jax.lax.stop_gradient(chosen_ratio)
+    reward_rejected = beta * jax.lax.stop_gradient(rejected_ratio)
+    if loss_type == "sigmoid":
+        losses = -jax.nn.log_sigmoid(beta * (chosen_ratio - rejected_ratio))
+    else:
+        assert loss_type == "ipo" and lengths is not None, (loss_type, lengths)
+        per_token = chosen_ratio / jnp.maximum(lengths[0], 1.0) - rejected_ratio / jnp.maximum(lengths[1], 1.0)
+        losses = (per_token - 1 / (2 * beta)) ** 2
     metrics = {
         "rewards/chosen": reward_chosen,
         "rewards/rejected": reward_rejected,
@@ -73,6 +93,7 @@ class DPO:
 
     beta: float = 0.1
     sft_weight: float = 0.0  # weight of the chosen replies' mean token NLL (TRL's "sft" loss type; 0: plain DPO)
+    loss_type: LossType = "sigmoid"
 
     def __post_init__(self) -> None:
         if not self.beta > 0:
@@ -90,7 +111,8 @@ class DPO:
         assert reference is not None, "DPO needs the reference model"
         ref_chosen, ref_rejected = jax.lax.stop_gradient(pair_log_probs(reference, micro, runtime))
         chosen, rejected = pair_log_probs(model, micro, runtime)
-        losses, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta)
+        ref = (ref_chosen, ref_rejected)
+        losses, metrics = dpo_loss(chosen, rejected, *ref, self.beta, self.loss_type, lengths(micro))
         loss = losses.sum()
         if self.sft_weight:  # TRL's mean over the (micro-)batch's chosen tokens, times the pairs the step divides by
             nll = -chosen.sum() / jnp.maximum(micro["chosen_weights"].sum(), 1.0)
@@ -98,17 +120,22 @@ class DPO:
         return loss, {name: value.sum() for name, value in metrics.items()}
 
     def evaluate(self, codec: ParamCodec, params: Params, reference: Params, data_dir: str, **kwargs) -> dict:
-        return evaluate_dpo(codec, params, reference, data_dir, beta=self.beta, **kwargs)
+        return evaluate_dpo(codec, params, reference, data_dir, beta=self.beta, loss_type=self.loss_type, **kwargs)
+
+
+def lengths(batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Each pair's (chosen, rejected) completion token counts [B]."""
+    return batch["chosen_weights"].sum(axis=-1), batch["rejected_weights"].sum(axis=-1)
 
 
 @functools.lru_cache(maxsize=8)
-def _pair_scorer(codec: ParamCodec, beta: float):
+def _pair_scorer(codec: ParamCodec, beta: float, loss_type: LossType):
     """Per-pair losses and rewards, compiled once; XLA partitions it over the arrays' shardings."""
 
     def score(params: Params, reference: Params, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
         runtime = local_runtime()
         ref = pair_log_probs(codec.to_model(reference), batch, runtime)
-        return dpo_loss(*pair_log_probs(codec.to_model(params), batch, runtime), *ref, beta)
+        return dpo_loss(*pair_log_probs(codec.to_model(params), batch, runtime), *ref, beta, loss_type, lengths(batch))
 
     return jax.jit(score)
 
@@ -120,6 +147,7 @@ def evaluate_dpo(
     data_dir: str | os.PathLike,
     *,
     beta: float,
+    loss_type: LossType = "sigmoid",
     batch_size: int,
     max_batches: int | None = None,
     mesh: Mesh | None = None,
@@ -130,7 +158,7 @@ def evaluate_dpo(
     if not isinstance(pairs, Pairs):
         raise UserError(f"{data_dir} holds no preference pairs; prepare it with --format preference")
     count = len(pairs) if max_batches is None else min(len(pairs), max_batches * batch_size)
-    score = _pair_scorer(codec, beta)
+    score = _pair_scorer(codec, beta, loss_type)
     totals: dict[str, float] = {}
     for first in range(0, count, batch_size):
         ids = np.minimum(np.arange(first, first + batch_size), count - 1)

@@ -1,8 +1,8 @@
 """The HTTP side: FastAPI routes of vLLM's OpenAI-compatible server over a running :class:`Engine`.
 
 Routes never touch the device: they validate, hand engine requests over and turn the engine's
-updates (delivered onto the event loop) into JSON bodies or server-sent events. A streaming client
-that goes away cancels its requests, which frees their slots before the next decode step.
+updates (delivered onto the event loop) into JSON bodies or server-sent events. A client that goes
+away, streaming or not, cancels its requests, which frees their slots before the next decode step.
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def create_app(engine: Engine, model_name: str, root: str, api_key: str | None =
                     )
 
             return stream_response(events(), choices)
-        results = await collect(choices, len(requests))
+        results = await collect(choices, len(requests), request)
         out = []
         for index, result in enumerate(results):
             prompt = prompts[index // body.n]
@@ -272,7 +272,7 @@ def create_app(engine: Engine, model_name: str, root: str, api_key: str | None =
                     yield sse(p.envelope("chat.completion.chunk", request_id, name, [], usage=usage))
 
             return stream_response(events(), choices)
-        results = await collect(choices, len(requests))
+        results = await collect(choices, len(requests), request)
         out = [
             {"index": i, "message": {"role": "assistant", "content": r.text.removeprefix(" ")},
              "logprobs": p.chat_logprobs(tokenizer, r.logprobs) if body.logprobs else None,
@@ -287,12 +287,24 @@ def create_app(engine: Engine, model_name: str, root: str, api_key: str | None =
     return app
 
 
-async def collect(choices: Choices, n: int) -> list[_Choice]:
+DISCONNECT_POLL_S = 0.1
+
+
+async def collect(choices: Choices, n: int, request: Request) -> list[_Choice]:
+    """Every choice's whole answer (a body that is not streamed); a client that leaves first cancels them."""
+
+    async def watch() -> None:  # as vLLM: poll the connection while the engine works
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        choices.cancel()
+
     results = [_Choice() for _ in range(n)]
+    watcher = asyncio.create_task(watch())
     try:
         async for index, update in choices:
             results[index].add(update)
     finally:
+        watcher.cancel()
         choices.cancel()
     return results
 
