@@ -156,8 +156,8 @@ def trl_loss_and_grad_norm(
     eot = "<|endoftext|>"  # the trainer needs a tokenizer for its pad token; the batch is tokenized above
     vocab = Tokenizer(models.WordLevel({eot: 50256, "x": 0}, unk_token="x"))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=vocab, eos_token=eot, pad_token=eot)
-    losses = dict(loss_type=[loss_type, "sft"], loss_weights=[1.0, sft_weight]) if sft_weight else {}
-    losses = losses or dict(loss_type=[loss_type])
+    types = [loss_type, "sft"] if sft_weight else [loss_type]
+    losses = dict(loss_type=types, loss_weights=[1.0, sft_weight]) if sft_weight else dict(loss_type=types)
     args = DPOConfig(str(policy_dir.parent / "trl"), beta=beta, report_to=[], use_cpu=True, bf16=False, **losses)
     policy, reference = (GPT2LMHeadModel.from_pretrained(d) for d in (policy_dir, reference_dir))
     dummy = Dataset.from_list([{"prompt": "x", "chosen": "x", "rejected": "x x"}])
@@ -180,8 +180,9 @@ def test_loss_gradient_and_rewards_equal_trl(
     prepare_pairs(tmp_path, PAIRS, val_fraction=0.0)
     batch = open_examples(tmp_path / "data", "train", BLOCK).batch(np.arange(len(PAIRS)))
     examples = list(map(trl_ids, PAIRS))
-    trl = trl_loss_and_grad_norm(*hf_pair, examples, beta, sft_weight, loss_type)
-    expected_loss, expected_norm, expected_rewards = trl
+    expected_loss, expected_norm, expected_rewards = trl_loss_and_grad_norm(
+        *hf_pair, examples, beta, sft_weight, loss_type
+    )
 
     policy, reference = (load_hf_gpt2(d) for d in hf_pair)
     codec = ParamCodec(policy.config)

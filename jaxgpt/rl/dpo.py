@@ -109,9 +109,8 @@ class DPO:
 
     def loss(self, model: GPT, micro: Batch, key: jax.Array | None, reference: GPT | None, runtime: Runtime):
         assert reference is not None, "DPO needs the reference model"
-        ref_chosen, ref_rejected = jax.lax.stop_gradient(pair_log_probs(reference, micro, runtime))
+        ref = jax.lax.stop_gradient(pair_log_probs(reference, micro, runtime))
         chosen, rejected = pair_log_probs(model, micro, runtime)
-        ref = (ref_chosen, ref_rejected)
         losses, metrics = dpo_loss(chosen, rejected, *ref, self.beta, self.loss_type, lengths(micro))
         loss = losses.sum()
         if self.sft_weight:  # TRL's mean over the (micro-)batch's chosen tokens, times the pairs the step divides by

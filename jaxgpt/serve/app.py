@@ -27,6 +27,7 @@ from jaxgpt.serve.engine import Engine, GenerationRequest, QueueFullError, Token
 
 MAX_BODY_BYTES = 1 << 20  # 413 past this
 RETRY_AFTER_S = 1
+DISCONNECT_POLL_S = 0.1  # how often a request waiting for a whole answer checks its client
 # Longer than clients keep idle connections (httpx: 5 s), so a client never reuses one the server just closed.
 KEEP_ALIVE_S = 30
 PAGE = Path(__file__).with_name("static") / "chat.html"
@@ -285,9 +286,6 @@ def create_app(engine: Engine, model_name: str, root: str, api_key: str | None =
         )
 
     return app
-
-
-DISCONNECT_POLL_S = 0.1
 
 
 async def collect(choices: Choices, n: int, request: Request) -> list[_Choice]:
